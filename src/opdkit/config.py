@@ -1,0 +1,544 @@
+"""One typed configuration tree: YAML files plus dotted overrides, validated on load.
+
+Every field is declared once below, with its type, default, documentation and allowed range or choices
+(in ``dataclasses.field`` metadata). Loading, type checks, range checks and error messages are all driven
+by that metadata, so a new field is one line and cannot be validated differently from its neighbours.
+
+    cfg = load_config("configs/demo.yaml", ["rollout.top_p=0.95", "model.path=null"])
+    save_config(cfg, run_dir / "config.yaml")   # load_config of that file gives back cfg exactly
+
+Every error is a ``ConfigError`` naming the full dotted key and where the value came from (file and line,
+or the override string). The configs are frozen: derive a new one with ``apply_overrides``, which
+validates again. Only the standard library and PyYAML are imported, so a config can be checked before
+torch is loaded.
+"""
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from opdkit.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "RolloutConfig",
+    "RunConfig",
+    "TeacherConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "config_to_yaml",
+    "load_config",
+    "save_config",
+    "validate_config",
+]
+
+
+def _f(default: Any, doc: str, *, choices=None, ge=None, gt=None, le=None, lt=None, length=None) -> Any:
+    """Declare a field: its default, its one documentation string, and what values are allowed.
+
+    Bounds (``ge``: >=, ``gt``: >, ``le``: <=, ``lt``: <) apply to each item of a list field and are
+    skipped for ``None``; ``length`` fixes a list's length.
+    """
+    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "length": length}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_DTYPES = ("float32", "bfloat16", "auto")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The student, the model being trained."""
+
+    path: str | None = _f(None, "student model directory (a Hugging Face causal LM)")
+    dtype: str = _f("float32", "weights dtype; auto = the checkpoint's own", choices=_DTYPES)
+    trust_remote_code: bool = _f(False, "run modelling code shipped in the model directory; only if you trust it")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    lora_r: int = _f(0, "LoRA rank; 0 = full fine-tuning", ge=0)
+    lora_alpha: float = _f(16.0, "LoRA scale numerator (updates are scaled by lora_alpha / lora_r)", gt=0)
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch input", ge=0, lt=1)
+    lora_target_modules: list[str] = _f([], "module names to adapt; empty = peft's default for the architecture")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The teacher that scores the student's samples: a local model (path) or a remote server (url)."""
+
+    path: str | None = _f(None, "teacher model directory (a Hugging Face causal LM); or set url")
+    dtype: str = _f("float32", "weights dtype; auto = the checkpoint's own", choices=_DTYPES)
+    trust_remote_code: bool = _f(False, "run modelling code shipped in the model directory; only if you trust it")
+    url: str | None = _f(None, "address of a remote teacher server, instead of path")
+    chunk_size: int = _f(256, "response positions scored per chunk; bounds memory to O(chunk_size x vocab)", ge=1)
+    own_chat_template: bool = _f(False, "render the prompt with the teacher's own chat template, not the student's")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling the student's responses."""
+
+    temperature: float = _f(1.0, "sampling temperature", gt=0)
+    top_p: float = _f(
+        0.9, "nucleus sampling: keep the smallest token set with this much probability; 1 = off", gt=0, le=1
+    )
+    top_k: int = _f(0, "sample only among the k most likely tokens; 0 = off", ge=0)
+    max_new_tokens: int = _f(512, "maximum response length in tokens", ge=1)
+    n_samples: int = _f(8, "responses sampled per prompt", ge=1)
+    stop: list[str] = _f([], "strings that end a response, besides the end-of-sequence token")
+    stop_ids: list[int] = _f([], "token ids that end a response, besides the end-of-sequence token", ge=0)
+    seed: int = _f(0, "sampling seed", ge=0)
+    engine: str = _f(
+        "hf", "generation engine: Hugging Face generate, or vLLM (optional dependency)", choices=("hf", "vllm")
+    )
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The distillation loss (METHOD.md)."""
+
+    kind: str = _f(
+        "support_kl",
+        "support_kl: divergence on a support set per position (the paper's method); "
+        "sampled_token: policy gradient on the per-token reward log q - log pi; "
+        "full_reverse_kl: exact reverse KL over the whole vocabulary",
+        choices=("support_kl", "sampled_token", "full_reverse_kl"),
+    )
+    support: str = _f(
+        "teacher_topk",
+        "which tokens form the support set of a position",
+        choices=("teacher_topk", "student_topk", "teacher_topk_plus_sampled"),
+    )
+    top_k: int = _f(32, "support set size K", ge=1)
+    renormalize: bool = _f(True, "renormalise both distributions inside the support (the paper's stable form)")
+    divergence: str = _f(
+        "reverse_kl", "divergence computed on the support", choices=("reverse_kl", "forward_kl", "jsd")
+    )
+    jsd_beta: float = _f(0.5, "generalized JSD weight when divergence=jsd: 0 = forward KL, 1 = reverse KL", ge=0, le=1)
+    tail_bucket: bool = _f(False, "add one slot holding the probability outside the support (needs renormalize=false)")
+    gamma: float = _f(0.0, "sampled_token: discount of future rewards; 0 = token-level, 1 = sequence-level", ge=0, le=1)
+    reward_clip: float | None = _f(None, "sampled_token: clip per-token rewards to [-c, c]; null = no clip", gt=0)
+    ppo_clip_eps: float = _f(0.2, "sampled_token: PPO clip range of the ratio pi / pi_old", gt=0)
+    aggregation: str = _f(
+        "token-mean",
+        "how per-token losses are reduced to one number",
+        choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+    )
+    special_tokens: list[str] | None = _f(
+        None,
+        "strings whose student token ids are masked out of the loss where sampled; "
+        "null = the student's EOS and chat-template tokens",
+    )
+    special_token_mode: str = _f(
+        "first", "mask the first occurrence of each special id per response, or all", choices=("first", "all")
+    )
+    drop_special_from_support: bool = _f(False, "also remove the special token ids from support sets")
+    loss_coef: float = _f(1.0, "multiplier on the loss", gt=0)
+    fused: bool = _f(True, "compute the support KL from hidden states without forming full-vocabulary logits")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW, its schedule, and how a rollout batch is cut into optimizer steps."""
+
+    lr: float = _f(2e-6, "learning rate", ge=0)
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas", ge=0, lt=1, length=2)
+    weight_decay: float = _f(0.01, "AdamW decoupled weight decay", ge=0)
+    grad_clip: float | None = _f(1.0, "clip the global gradient norm to this; null = no clip", gt=0)
+    schedule: str = _f("constant", "learning-rate schedule after warmup", choices=("constant", "cosine"))
+    warmup_steps: int = _f(0, "steps of linear warmup (at most total_steps)", ge=0)
+    total_steps: int = _f(100, "training steps, one rollout batch each", ge=1)
+    prompts_per_step: int = _f(
+        16, "prompts per training step; the rollout batch is prompts_per_step x rollout.n_samples responses", ge=1
+    )
+    mini_batches: int = _f(2, "optimizer steps per rollout batch (it is split into this many mini-batches)", ge=1)
+    micro_batch_size: int = _f(8, "sequences per forward/backward pass; gradients accumulate over a mini-batch", ge=1)
+    max_skipped_steps: int = _f(5, "consecutive steps with a non-finite gradient norm skipped before aborting", ge=1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the prompts come from."""
+
+    train_path: str | None = _f(None, "JSONL file of training prompts")
+    eval_path: str | None = _f(None, "JSONL file of evaluation problems")
+    prompt_key: str = _f("prompt", "JSON field holding the prompt")
+    answer_key: str = _f("answer", "JSON field holding the reference answer")
+    max_prompt_tokens: int = _f(1024, "maximum prompt length in tokens", ge=1)
+    shuffle: bool = _f(True, "shuffle the training prompts")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Periodic evaluation on data.eval_path."""
+
+    every_steps: int = _f(0, "evaluate every this many steps; 0 = only at the end", ge=0)
+    n_samples: int = _f(1, "responses per problem; the score is their mean (avg@n)", ge=1)
+    temperature: float = _f(1.0, "sampling temperature", gt=0)
+    top_p: float = _f(0.9, "nucleus sampling threshold; 1 = off", gt=0, le=1)
+    max_new_tokens: int = _f(512, "maximum response length in tokens", ge=1)
+    max_problems: int = _f(0, "evaluate at most this many problems; 0 = all", ge=0)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Bookkeeping: output directory, seeds, checkpoints, logging, device."""
+
+    out_dir: str | None = _f(None, "run directory; null = a new directory under runs/")
+    seed: int = _f(0, "seed for initialisation and data order", ge=0)
+    save_every: int = _f(50, "checkpoint every this many steps; 0 = only at the end", ge=0)
+    keep_last: int = _f(2, "checkpoints kept on disk", ge=1)
+    log_every: int = _f(1, "log metrics every this many steps", ge=1)
+    tensorboard: bool = _f(True, "also write TensorBoard event files")
+    overwrite: bool = _f(False, "allow writing into an existing, non-empty out_dir")
+    device: str = _f(
+        "auto", "device for a single-process run; auto = cuda when available", choices=("auto", "cpu", "cuda")
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, one section per stage of the pipeline."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# The schema, read once from the declarations above: section name -> class, and the (field, type) pairs
+# of each section. Types come from get_type_hints so string annotations would work too.
+_SECTIONS: dict[str, type] = {f.name: get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+_SPECS: dict[str, list[tuple[dataclasses.Field, Any]]] = {
+    name: [(f, get_type_hints(cls)[f.name]) for f in dataclasses.fields(cls)] for name, cls in _SECTIONS.items()
+}
+_KEYS: list[str] = [f"{name}.{f.name}" for name, specs in _SPECS.items() for f, _ in specs]
+
+# A YAML 1.2 float; PyYAML follows YAML 1.1, which reads 2e-6 (no dot) as a string.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class _WrongType(Exception):
+    pass
+
+
+def _error(where: str, message: str) -> ConfigError:
+    return ConfigError(f"{where}: {message}")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _unknown(key: str, where: str, candidates: list[str]) -> ConfigError:
+    # A known field name under the wrong section ('rollout.lr') is the likeliest slip; else spelling.
+    leaf = key.rsplit(".", 1)[-1]
+    match = [k for k in _KEYS if k.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(key, candidates, n=1)
+    hint = f"; did you mean '{match[0]}'?" if match else ""
+    return _error(where, f"unknown key '{key}'{hint}")
+
+
+def _is_optional(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType)
+
+
+def _type_name(tp: Any) -> str:
+    if _is_optional(tp):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"list[{_type_name(get_args(tp)[0])}]"
+    return tp.__name__
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp``, or raise _WrongType. bool is not an int here (True for a step count is a
+    slip), ints widen to float, and numeric strings become floats (see _NUMBER)."""
+    if _is_optional(tp):
+        if value is None:
+            return None
+        (tp,) = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) is list:
+        if not isinstance(value, (list, tuple)):
+            raise _WrongType
+        return [_convert(v, get_args(tp)[0]) for v in value]
+    if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise _WrongType
+
+
+def _range_text(meta: Mapping[str, Any]) -> str | None:
+    lo = ("[", meta["ge"]) if meta["ge"] is not None else ("(", meta["gt"]) if meta["gt"] is not None else None
+    hi = ("]", meta["le"]) if meta["le"] is not None else (")", meta["lt"]) if meta["lt"] is not None else None
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
+    if hi:
+        return f"{'<=' if hi[0] == ']' else '<'} {hi[1]:g}"
+    return None
+
+
+def _in_range(x: Any, meta: Mapping[str, Any]) -> bool:
+    return (
+        (meta["ge"] is None or x >= meta["ge"])
+        and (meta["gt"] is None or x > meta["gt"])
+        and (meta["le"] is None or x <= meta["le"])
+        and (meta["lt"] is None or x < meta["lt"])
+    )
+
+
+def _check(value: Any, f: dataclasses.Field, tp: Any, key: str, where: str) -> Any:
+    """One value converted to its field's type and checked against its declaration."""
+    meta = f.metadata
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise _error(where, f"{key}: must be one of {', '.join(meta['choices'])}, got {value!r}")
+    try:
+        value = _convert(value, tp)
+    except _WrongType:
+        raise _error(where, f"{key}: expected {_type_name(tp)}, got {_describe(value)}") from None
+    if meta["length"] is not None and len(value) != meta["length"]:
+        raise _error(where, f"{key}: must have {meta['length']} items, got {len(value)}")
+    items = value if isinstance(value, list) else [value]
+    for i, x in enumerate(items):
+        name = f"{key}[{i}]" if isinstance(value, list) else key
+        if isinstance(x, float) and not math.isfinite(x):
+            raise _error(where, f"{name}: must be a finite number, got {x!r}")
+        if x is not None and not _in_range(x, meta):
+            raise _error(where, f"{name}: must be {_range_text(meta)}, got {x!r}")
+    return value
+
+
+def _check_combinations(cfg: Config, origins: Mapping[str, str], source: str) -> None:
+    """Constraints between fields, which per-field metadata cannot express."""
+
+    def where(*keys: str) -> str:
+        return next((origins[k] for k in keys if k in origins), source)
+
+    o, opt, t = cfg.objective, cfg.optim, cfg.teacher
+    if o.tail_bucket and o.renormalize:
+        raise _error(
+            where("objective.tail_bucket", "objective.renormalize"),
+            "objective.tail_bucket=true requires objective.renormalize=false "
+            "(inside a renormalised support the tail mass is 0)",
+        )
+    if opt.total_steps > 0 and opt.warmup_steps > opt.total_steps:
+        raise _error(
+            where("optim.warmup_steps", "optim.total_steps"),
+            f"optim.warmup_steps ({opt.warmup_steps}) must not exceed optim.total_steps ({opt.total_steps})",
+        )
+    if t.path is not None and t.url is not None:
+        raise _error(where("teacher.url", "teacher.path"), "set teacher.path or teacher.url, not both")
+
+
+def _build(raw: Any, origins: Mapping[str, str], source: str) -> Config:
+    """A validated Config from plain data; ``origins`` maps a dotted key to where its value came from."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise _error(source, f"expected a mapping of sections ({', '.join(_SECTIONS)}), got {_describe(raw)}")
+    for name in raw:
+        if str(name) not in _SECTIONS:
+            raise _unknown(str(name), origins.get(str(name), source), list(_SECTIONS) + _KEYS)
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        where = origins.get(name, source)
+        body = raw.get(name)
+        if body is None:  # a section whose fields are all commented out
+            body = {}
+        if not isinstance(body, Mapping):
+            raise _error(where, f"'{name}' is a section: expected a mapping of its fields, got {_describe(body)}")
+        for key in body:
+            if f"{name}.{key}" not in _KEYS:
+                raise _unknown(f"{name}.{key}", origins.get(f"{name}.{key}", where), _KEYS)
+        values, defaults = {}, cls()
+        for f, tp in _SPECS[name]:
+            key = f"{name}.{f.name}"
+            # Defaults are checked too: cheap, and it keeps the declarations honest.
+            value = body[f.name] if f.name in body else getattr(defaults, f.name)
+            values[f.name] = _check(value, f, tp, key, origins.get(key, where))
+        sections[name] = cls(**values)
+    cfg = Config(**sections)
+    _check_combinations(cfg, origins, source)
+    return cfg
+
+
+def _parse_overrides(overrides: Iterable[str] | Mapping[str, Any]) -> list[tuple[str, Any, str]]:
+    """(dotted key, value, where) for each override; string values are parsed as YAML."""
+    if isinstance(overrides, Mapping):
+        return [(str(k), v, f"override {k!r}") for k, v in overrides.items()]
+    if isinstance(overrides, str):  # a lone string would otherwise be read one character at a time
+        overrides = [overrides]
+    parsed = []
+    for text in overrides:
+        where = f"override {text!r}"
+        key, eq, value = str(text).partition("=")
+        if not eq or not key.strip():
+            raise _error(where, "expected key=value, e.g. rollout.top_p=0.95")
+        try:
+            parsed.append((key.strip(), yaml.safe_load(value), where))
+        except yaml.YAMLError as e:
+            raise _error(where, f"cannot parse the value as YAML: {getattr(e, 'problem', None) or e}") from None
+    return parsed
+
+
+def _apply(
+    raw: Mapping[str, Any], origins: Mapping[str, str], overrides: Iterable[str] | Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Overrides applied to a copy of the plain data; later overrides win."""
+    raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    origins = dict(origins)
+    for key, value, where in _parse_overrides(overrides):
+        if key in _SECTIONS:
+            example = f"{key}.{_SPECS[key][0][0].name}=..."
+            raise _error(where, f"'{key}' is a section; override one field at a time, e.g. {example}")
+        if key not in _KEYS:
+            raise _unknown(key, where, _KEYS)
+        section, _, name = key.partition(".")
+        if raw.get(section) is None:
+            raw[section] = {}
+        if isinstance(raw[section], dict):  # otherwise _build reports the malformed section
+            raw[section][name] = value
+        origins[key] = where
+    return raw, origins
+
+
+def _read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The file's data (as yaml.safe_load gives it) and the line of every key, so errors can point into it."""
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read the config file: {e.strerror or e}") from e
+    loader = yaml.SafeLoader(text)
+
+    def where(node: yaml.Node) -> str:
+        return f"{name} line {node.start_mark.line + 1}"
+
+    def pairs(node: yaml.MappingNode, prefix: str):
+        # safe_load keeps the last of duplicate keys silently; a config that says two things is an error.
+        seen: dict[str, yaml.Node] = {}
+        for knode, _ in node.value:
+            if knode.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = str(loader.construct_object(knode))
+            if key in seen:
+                first = seen[key].start_mark.line + 1
+                raise ConfigError(f"{where(knode)}: duplicate key '{prefix}{key}' (first at line {first})")
+            seen[key] = knode
+        loader.flatten_mapping(node)  # expand '<<: *anchor' merges as safe_load does
+        for knode, vnode in node.value:
+            yield str(loader.construct_object(knode)), knode, vnode
+
+    try:
+        root = loader.get_single_node()
+        if root is None:  # an empty file: all defaults
+            return {}, {}
+        if not isinstance(root, yaml.MappingNode):
+            value = loader.construct_object(root, deep=True)
+            raise ConfigError(
+                f"{where(root)}: expected a mapping of sections ({', '.join(_SECTIONS)}), got {_describe(value)}"
+            )
+        raw: dict[str, Any] = {}
+        origins: dict[str, str] = {}
+        for section, knode, vnode in pairs(root, ""):
+            origins[section] = where(knode)
+            if isinstance(vnode, yaml.MappingNode):
+                raw[section] = {}
+                for key, fknode, fvnode in pairs(vnode, f"{section}."):
+                    raw[section][key] = loader.construct_object(fvnode, deep=True)
+                    origins[f"{section}.{key}"] = where(fknode)
+            else:
+                raw[section] = loader.construct_object(vnode, deep=True)
+        return raw, origins
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{name}{line}: invalid YAML: {e.problem or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name}: invalid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()) -> Config:
+    """Load a YAML config (defaults when ``path`` is None), apply ``section.field=value`` overrides in order
+    (values parsed as YAML, e.g. ``model.path=null``, ``objective.special_tokens=['<think>']``; or a
+    mapping of dotted keys to Python values), and validate. Raises ConfigError."""
+    raw, origins = _read_yaml(path) if path is not None else ({}, {})
+    source = str(path) if path is not None else "<defaults>"
+    # Values are checked after the overrides, so an override can repair a value the file got wrong.
+    raw, origins = _apply(raw, origins, overrides)
+    return _build(raw, origins, source)
+
+
+def config_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """A validated Config from nested plain data (``{"optim": {"lr": 1e-5}}``); missing fields get defaults.
+    ``source`` prefixes error messages."""
+    return _build(d, {}, source)
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Nested plain data (fresh lists), sections and fields in declaration order."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str] | Mapping[str, Any]) -> Config:
+    """A new validated Config with ``section.field=value`` overrides applied (or a mapping of dotted keys
+    to Python values, which avoids YAML parsing of e.g. paths); ``cfg`` is unchanged."""
+    raw, origins = _apply(config_to_dict(cfg), {}, overrides)
+    return _build(raw, origins, "<config>")
+
+
+def validate_config(cfg: Config) -> Config:
+    """Check a Config built in Python (its constructors do not validate); returns it with values normalised
+    (ints in float fields become floats). Raises ConfigError."""
+    return apply_overrides(cfg, ())
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes lists on one line ([0.9, 0.999]) so a saved config reads like a hand-written one."""
+
+
+_Dumper.add_representer(list, lambda d, data: d.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The YAML text save_config writes: every field, sections in declaration order, a blank line between."""
+    # Not allow_unicode: PyYAML then writes some characters (U+0085, U+2028) raw, and reads them back as
+    # spaces; escaped non-ASCII is less pretty but exact.
+    blocks = [
+        yaml.dump({name: body}, Dumper=_Dumper, sort_keys=False, width=120)
+        for name, body in config_to_dict(cfg).items()
+    ]
+    return "# opdkit config; every field is documented in src/opdkit/config.py\n" + "\n".join(blocks)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML (config_to_yaml), creating the parent directory; ``load_config(path) == cfg``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_to_yaml(cfg), encoding="utf-8")

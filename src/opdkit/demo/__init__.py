@@ -1,0 +1,1 @@
+"""Built-in demos that run offline on a CPU."""
