@@ -57,3 +57,11 @@ def test_ruff_is_clean():
         pytest.fail("ruff is not installed in the test environment (it is a dev extra)")
     r = subprocess.run([ruff, "check", "src", "tests", "benchmarks"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_check_command_reports_on_real_model_directories(tiny_model_dirs):
+    r = _opdkit("check", "--student", str(tiny_model_dirs["qwen2"]), "--teacher", str(tiny_model_dirs["llama"]))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "RESULT" in r.stdout
+    missing = _opdkit("check", "--student", "/no/such/dir", "--teacher", str(tiny_model_dirs["llama"]))
+    assert missing.returncode == 2 and "/no/such/dir" in missing.stderr and "Traceback" not in missing.stderr

@@ -55,3 +55,11 @@ def test_tokenizer_without_chat_template_is_refused_when_required(tmp_path, tiny
 def test_bad_dtype_is_named(tiny_model_dirs):
     with pytest.raises(ModelLoadError, match="dtype"):
         load_causal_lm(tiny_model_dirs["qwen2"], dtype="fp8")
+
+
+def test_tokenizer_in_memory_and_loaded_from_either_architecture_agree(tiny_model_dirs, tiny_tokenizer):
+    """transformers 5 rebuilds a qwen2 directory's tokenizer as Qwen2Tokenizer; ids must not change."""
+    text = "<|im_start|>user\nWhat is 12 + 7?<|im_end|>\n<think>19</think> \\boxed{19}"
+    want = tiny_tokenizer(text)["input_ids"]
+    for path in tiny_model_dirs.values():
+        assert load_tokenizer(path)(text)["input_ids"] == want

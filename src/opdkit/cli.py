@@ -36,6 +36,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    import json
+
+    from opdkit.check import run_check
+
+    report = run_check(args.student, args.teacher, trust_remote_code=args.trust_remote_code, device=args.device)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opdkit",
@@ -53,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="[CONFIG] [a.b=value ...]")
     p.add_argument("--out", help="write the resolved config to this YAML file")
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser(
+        "check",
+        help="pre-flight: can this teacher distil into this student?",
+        description="Compare the student's and the teacher's vocabularies, special ids and chat templates, "
+        "score the student's template tokens with the teacher, and recommend a special-token mask list. "
+        "Exit status 1 on a hard mismatch (training would refuse to start).",
+    )
+    p.add_argument("--student", required=True, help="student model directory")
+    p.add_argument("--teacher", required=True, help="teacher model directory")
+    p.add_argument("--device", default=None, help="device for the teacher's dry run (default: CPU)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow modelling code shipped with the models")
+    p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser(
         "demo",

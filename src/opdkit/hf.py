@@ -58,7 +58,9 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, require
 def load_causal_lm(path: str | Path, *, dtype: str = "float32", trust_remote_code: bool = False, device=None):
     """``AutoModelForCausalLM`` from a local directory, in eval mode, on ``device`` if given."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # opdkit prints its own progress; per-load bars are noise in logs
     p = _check_dir(path, "model")
     config_file = p / "config.json"
     if not config_file.exists():
