@@ -79,7 +79,8 @@ def full_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     s = student_logits.reshape(-1, V).double()
     t = teacher_logits.reshape(-1, V).double()
     m = mask.reshape(-1)
-    out = [kl(softmax(s[n]), softmax(t[n])) if bool(m[n]) else torch.zeros((), dtype=torch.float64) for n in range(s.shape[0])]
+    zero = torch.zeros((), dtype=torch.float64)
+    out = [kl(softmax(s[n]), softmax(t[n])) if bool(m[n]) else zero for n in range(s.shape[0])]
     return torch.stack(out).reshape(student_logits.shape[:-1])
 
 

@@ -110,7 +110,9 @@ def _divergence(
     return beta * _kl_sum(lt, lm, valid) + (1.0 - beta) * _kl_sum(ls, lm, valid)
 
 
-def check_support_options(renormalize: bool, divergence: str, beta: float, tail_bucket: bool, temperature: float) -> None:
+def check_support_options(
+    renormalize: bool, divergence: str, beta: float, tail_bucket: bool, temperature: float
+) -> None:
     if divergence not in _DIVERGENCES:
         raise InputError(f"divergence: expected one of {', '.join(_DIVERGENCES)}, got {divergence!r}")
     if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):

@@ -25,8 +25,8 @@ from opdkit.errors import InputError
 from opdkit.losses._checks import check_float, check_no_nan, result_dtype
 from opdkit.losses.divergences import (
     Divergence,
-    check_support_options,
     check_support_inputs,
+    check_support_options,
     support_divergence_from_logits,
 )
 
