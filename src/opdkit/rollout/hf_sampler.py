@@ -1,0 +1,424 @@
+"""Batched student sampling with the model's own Hugging Face ``generate`` (METHOD.md, "Rollout").
+
+How the log-probs are obtained (and why not ``output_scores`` / ``output_logits``): ``generate`` is called
+with a *clean* generation config (no temperature / top-k / top-p of its own, and the model's
+``generation_config.json`` sampling defaults — repetition penalty, top-k 20, ... — switched off) and an
+explicit logits-processor chain built from transformers' own classes::
+
+    raw logits -> [record log_softmax(raw / τ)] -> block pad -> Temperature -> TopK -> TopP -> [record log_softmax]
+
+``generate`` samples from the softmax of what the chain returns, so the second record is exactly the
+truncated distribution that was sampled, and the first is the untruncated tempered student. Each record
+keeps only the previous step's ``B x V`` row and gathers the sampled token from it at the next step (the
+new token is then the last column of ``input_ids``), so the extra memory is ``O(B·V)`` instead of the
+``O(B·T·V)`` of ``output_scores=True, output_logits=True`` (which for a 150k vocabulary and long responses
+does not fit), and there is no second forward pass. The raw logits are those ``generate`` itself computes
+(float32, KV cache, left-padding-aware positions), i.e. what the student actually sampled from.
+
+Seeds: every ``sample`` call runs ``generate`` inside ``torch.random.fork_rng`` after
+``torch.manual_seed(seed)``, so the caller's global RNG state is untouched and the same seed, prompts,
+settings, model and device give an identical :class:`RolloutBatch`. ``seed=None`` uses
+``settings.seed + k`` for the k-th call of this sampler (successive calls differ; a fresh sampler replays
+the same sequence).
+
+Stop strings use transformers' ``StopStringCriteria`` (a match must overlap the newest token, so it is caught
+on the step that completes it; the response mask ends at that token). Like ``generate`` itself, it looks at
+the whole sequence, so a stop string that starts inside the prompt and is completed by the first response
+token also ends the response. Stop ids are added to the EOS ids given to ``generate``.
+
+Not thread-safe: ``model.generation_config`` is swapped for a clean one for the duration of ``generate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opdkit.config import RolloutConfig
+from opdkit.errors import InputError
+from opdkit.types import FINISH_LENGTH, FINISH_STOP, RolloutBatch
+
+__all__ = ["HFSampler", "validate_rollout_settings"]
+
+Message = Mapping[str, str]
+Prompt = str | Sequence[Message]
+
+
+def validate_rollout_settings(settings: RolloutConfig) -> RolloutConfig:
+    """Raise :class:`InputError` naming the field if a sampling setting is out of range; return ``settings``."""
+    t = settings.temperature
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0 or t != t or t == float("inf"):
+        raise InputError(f"rollout.temperature: expected a finite number > 0, got {t!r}")
+    p = settings.top_p
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
+        raise InputError(f"rollout.top_p: expected a number in (0, 1], got {p!r}")
+    if not isinstance(settings.top_k, int) or isinstance(settings.top_k, bool) or settings.top_k < 0:
+        raise InputError(f"rollout.top_k: expected an integer >= 0 (0 = off), got {settings.top_k!r}")
+    m = settings.max_new_tokens
+    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+        raise InputError(f"rollout.max_new_tokens: expected an integer >= 1, got {m!r}")
+    n = settings.n_samples
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InputError(f"rollout.n_samples: expected an integer >= 1, got {n!r}")
+    if isinstance(settings.stop, str) or not all(isinstance(s, str) and s for s in settings.stop):
+        raise InputError(f"rollout.stop: expected a list of non-empty strings, got {settings.stop!r}")
+    if isinstance(settings.stop_ids, int) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in settings.stop_ids
+    ):
+        raise InputError(f"rollout.stop_ids: expected a list of token ids >= 0, got {settings.stop_ids!r}")
+    if not isinstance(settings.seed, int) or isinstance(settings.seed, bool) or settings.seed < 0:
+        raise InputError(f"rollout.seed: expected an integer >= 0, got {settings.seed!r}")
+    return settings
+
+
+def _check_seed(seed: Any, name: str) -> int:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise InputError(f"{name}: expected an integer >= 0, got {seed!r}")
+    return seed
+
+
+def _processors():
+    """The logits-processor classes used below (imported lazily: transformers is heavy)."""
+    from transformers import LogitsProcessor, StoppingCriteria
+
+    class _LogProbRecorder(LogitsProcessor):
+        """Records ``log_softmax(scores * scale)`` of the token sampled from this step's scores.
+
+        Called once per generation step; at step t the sampled token of step t-1 is ``input_ids[:, -1]``.
+        The scores pass through unchanged.
+        """
+
+        def __init__(self, prompt_len: int, scale: float = 1.0):
+            self.prompt_len = prompt_len
+            self.scale = scale
+            self.pending: torch.Tensor | None = None
+            self.values: list[torch.Tensor] = []
+
+        def resolve(self, last_ids: torch.Tensor) -> None:
+            if self.pending is not None:
+                self.values.append(self.pending.gather(-1, last_ids[:, None].to(self.pending.device))[:, 0])
+                self.pending = None
+
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] > self.prompt_len:
+                self.resolve(input_ids[:, -1])
+            x = scores.float()
+            if self.scale != 1.0:
+                x = x * self.scale
+            self.pending = torch.log_softmax(x, dim=-1)
+            return scores
+
+    class _StopStringRecorder(StoppingCriteria):
+        """transformers' ``StopStringCriteria``, remembering at which response step each sequence first matched."""
+
+        def __init__(self, inner, prompt_len: int, batch_size: int, device):
+            self.inner = inner
+            self.prompt_len = prompt_len
+            self.first_step = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+
+        def __call__(self, input_ids, scores, **kwargs):
+            hit = self.inner(input_ids, scores, **kwargs)
+            step = input_ids.shape[1] - self.prompt_len - 1
+            new = hit & (self.first_step < 0)
+            self.first_step = torch.where(new, torch.full_like(self.first_step, step), self.first_step)
+            return hit
+
+    return _LogProbRecorder, _StopStringRecorder
+
+
+class HFSampler:
+    """Samples student responses with ``model.generate`` and returns a :class:`RolloutBatch`.
+
+    Args:
+        model: a Hugging Face causal LM (``AutoModelForCausalLM``), in eval mode.
+        tokenizer: its tokenizer; the chat template renders chat prompts.
+        settings: an :class:`opdkit.config.RolloutConfig` (temperature, top_p, top_k, max_new_tokens,
+            n_samples, stop, stop_ids, seed; ``engine`` is not read here).
+        tokenizer_path: shown in error messages (defaults to ``tokenizer.name_or_path``).
+
+    The pad token is never sampled unless it is also the EOS token (then it ends the sequence). A tokenizer
+    without a pad token pads with its EOS token.
+    """
+
+    def __init__(self, model, tokenizer, settings: RolloutConfig | None = None, *, tokenizer_path: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = validate_rollout_settings(settings if settings is not None else RolloutConfig())
+        self.tokenizer_path = tokenizer_path or str(getattr(tokenizer, "name_or_path", "") or "<tokenizer>")
+        eos = self._eos_ids()
+        if not eos:
+            raise InputError(f"tokenizer '{self.tokenizer_path}': has no EOS token, so responses cannot end")
+        self.eos_ids: tuple[int, ...] = eos
+        pad = tokenizer.pad_token_id
+        self.pad_id: int = int(pad) if pad is not None else eos[0]
+        self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys([*eos, *self.settings.stop_ids]))
+        vocab = self._vocab_size()
+        bad = [i for i in self.settings.stop_ids if i >= vocab]
+        if bad:
+            raise InputError(f"rollout.stop_ids: ids {bad} are outside the model's vocabulary of {vocab}")
+        self._stop_string_criteria = None
+        self._calls = 0
+
+    # ----------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        settings: RolloutConfig | None = None,
+        *,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        device=None,
+    ) -> HFSampler:
+        """Load model and tokenizer from a local directory (``ModelLoadError`` if missing or not a causal LM)."""
+        from opdkit.hf import load_causal_lm, load_tokenizer
+
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        model = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
+        return cls(model, tokenizer, settings, tokenizer_path=str(path))
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids: list[int] = []
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(int(self.tokenizer.eos_token_id))
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:  # e.g. Qwen2.5-Instruct ends turns with <|im_end|> and documents with <|endoftext|>
+            ids.extend(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
+        return tuple(dict.fromkeys(ids))
+
+    def _vocab_size(self) -> int:
+        emb = self.model.get_output_embeddings()
+        if emb is not None and getattr(emb, "weight", None) is not None:
+            return int(emb.weight.shape[0])
+        return int(self.model.config.get_text_config().vocab_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ----------------------------------------------------------------------------------------- prompts
+    def encode_prompts(self, prompts: Sequence[Prompt], *, chat: bool = True) -> list[list[int]]:
+        """Token ids of each prompt (chat template with a generation prompt, or the raw string)."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise InputError(f"prompts: expected a list of prompts, got {type(prompts).__name__}")
+        if len(prompts) == 0:
+            raise InputError("prompts: the list is empty; give at least one prompt")
+        out: list[list[int]] = []
+        if chat and not getattr(self.tokenizer, "chat_template", None):
+            raise InputError(
+                f"tokenizer '{self.tokenizer_path}': has no chat template, so chat prompts cannot be rendered "
+                "(set a chat template, or pass raw string prompts with chat=False)"
+            )
+        for i, prompt in enumerate(prompts):
+            if chat:
+                if isinstance(prompt, str) or not isinstance(prompt, Sequence) or len(prompt) == 0:
+                    raise InputError(
+                        f"prompts[{i}]: expected a non-empty list of {{'role', 'content'}} messages (or pass "
+                        f"chat=False for raw strings), got {type(prompt).__name__}"
+                    )
+                for j, msg in enumerate(prompt):
+                    if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
+                        raise InputError(f"prompts[{i}][{j}]: expected a dict with 'role' and 'content', got {msg!r}")
+                text = self.tokenizer.apply_chat_template(
+                    [dict(m) for m in prompt], add_generation_prompt=True, tokenize=False
+                )
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                if not isinstance(prompt, str):
+                    raise InputError(f"prompts[{i}]: expected a string with chat=False, got {type(prompt).__name__}")
+                ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            if len(ids) == 0:
+                raise InputError(f"prompts[{i}]: encodes to no tokens")
+            out.append([int(t) for t in ids])
+        return out
+
+    # ----------------------------------------------------------------------------------------- sampling
+    def _logits_processors(self, prompt_len: int):
+        from transformers import (
+            LogitsProcessorList,
+            SuppressTokensLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        recorder_cls, _ = _processors()
+        s = self.settings
+        raw = recorder_cls(prompt_len, scale=1.0 / float(s.temperature))
+        processed = recorder_cls(prompt_len)
+        chain: list = [raw]
+        if self.pad_id not in self.eos_ids:
+            chain.append(SuppressTokensLogitsProcessor([self.pad_id], device=self.device))
+        if s.temperature != 1.0:
+            chain.append(TemperatureLogitsWarper(float(s.temperature)))
+        if s.top_k > 0:
+            chain.append(TopKLogitsWarper(top_k=int(s.top_k)))
+        if s.top_p < 1.0:
+            chain.append(TopPLogitsWarper(top_p=float(s.top_p)))
+        chain.append(processed)
+        return LogitsProcessorList(chain), raw, processed
+
+    def _generation_config(self, max_new_tokens: int):
+        from transformers import GenerationConfig
+
+        # Every sampling knob explicit and neutral: the distribution is fully given by our processor chain.
+        return GenerationConfig(
+            do_sample=True,
+            num_beams=1,
+            num_return_sequences=1,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=0,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            min_p=None,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            eos_token_id=list(self.stop_ids),
+            pad_token_id=self.pad_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            use_cache=True,
+            return_dict_in_generate=False,
+            output_scores=False,
+            output_logits=False,
+        )
+
+    def _clean_model_generation_config(self):
+        """The model's generation config reduced to its special-token ids (``generate`` fills unset fields from it)."""
+        from transformers import GenerationConfig
+
+        old = getattr(self.model, "generation_config", None)
+        keep = {}
+        for key in ("bos_token_id", "decoder_start_token_id"):
+            value = getattr(old, key, None)
+            if value is not None:
+                keep[key] = value
+        return GenerationConfig(eos_token_id=list(self.stop_ids), pad_token_id=self.pad_id, **keep)
+
+    def _stop_criteria(self, prompt_len: int, batch_size: int):
+        from transformers import StoppingCriteriaList, StopStringCriteria
+
+        if not self.settings.stop:
+            return StoppingCriteriaList(), None
+        if self._stop_string_criteria is None:  # preprocesses the whole vocabulary: build once
+            self._stop_string_criteria = StopStringCriteria(self.tokenizer, list(self.settings.stop))
+        _, stop_recorder_cls = _processors()
+        rec = stop_recorder_cls(self._stop_string_criteria, prompt_len, batch_size, self.device)
+        return StoppingCriteriaList([rec]), rec
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        n_samples: int | None = None,
+        seed: int | None = None,
+        chat: bool = True,
+        task_ids: Sequence[str | None] | None = None,
+    ) -> RolloutBatch:
+        """Sample ``n_samples`` responses per prompt (consecutive rows share ``prompt_index``).
+
+        Args:
+            prompts: chat prompts (lists of ``{"role", "content"}`` dicts, rendered with the tokenizer's chat
+                template and a generation prompt), or raw strings with ``chat=False``.
+            n_samples: responses per prompt (default ``settings.n_samples``).
+            seed: sampling seed (default ``settings.seed + number of earlier calls``).
+            task_ids: optional task name per prompt, copied to every sample of it.
+        """
+        s = self.settings
+        n = s.n_samples if n_samples is None else n_samples
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise InputError(f"n_samples: expected an integer >= 1, got {n!r}")
+        if seed is None:
+            seed = s.seed + self._calls
+        _check_seed(seed, "seed")
+        self._calls += 1
+        encoded = self.encode_prompts(prompts, chat=chat)
+        if task_ids is not None:
+            if isinstance(task_ids, str) or len(task_ids) != len(encoded):
+                raise InputError(f"task_ids: expected one entry per prompt ({len(encoded)}), got {task_ids!r}")
+
+        # n samples per prompt, left-padded to a common length P
+        rows = [ids for ids in encoded for _ in range(n)]
+        prompt_index = tuple(i for i in range(len(encoded)) for _ in range(n))
+        B, P = len(rows), max(len(r) for r in rows)
+        device = self.device
+        prompt_ids = torch.full((B, P), self.pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros((B, P), dtype=torch.long)
+        for b, ids in enumerate(rows):
+            prompt_ids[b, P - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            prompt_mask[b, P - len(ids) :] = 1
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+
+        processors, raw_rec, proc_rec = self._logits_processors(P)
+        criteria, stop_rec = self._stop_criteria(P, B)
+        gen_config = self._generation_config(int(s.max_new_tokens))
+        saved_config = self.model.generation_config
+        fork_devices = [device] if device.type == "cuda" else []
+        try:
+            self.model.generation_config = self._clean_model_generation_config()
+            with torch.random.fork_rng(devices=fork_devices):
+                torch.manual_seed(seed)
+                sequences = self.model.generate(
+                    input_ids=prompt_ids,
+                    attention_mask=prompt_mask,
+                    generation_config=gen_config,
+                    logits_processor=processors,
+                    stopping_criteria=criteria,
+                )
+        finally:
+            self.model.generation_config = saved_config
+
+        response = sequences[:, P:]
+        T = int(response.shape[1])
+        if T == 0:  # cannot happen with max_new_tokens >= 1, but keep shapes sane
+            raise RuntimeError("generate returned no new tokens")
+        for rec in (raw_rec, proc_rec):
+            if len(rec.values) < T:
+                rec.resolve(response[:, len(rec.values)])
+        old_lp = torch.stack(raw_rec.values[:T], dim=1)
+        samp_lp = torch.stack(proc_rec.values[:T], dim=1)
+
+        # end of each response: the first stop id, or the step where a stop string matched
+        steps = torch.arange(T, device=response.device)
+        is_stop = torch.isin(response, torch.tensor(self.stop_ids, device=response.device))
+        first = torch.where(is_stop, steps, torch.full_like(response, T)).min(dim=1).values
+        if stop_rec is not None:
+            ss = stop_rec.first_step.to(response.device)
+            first = torch.where((ss >= 0) & (ss < first), ss, first)
+        stopped = first < T
+        length = torch.where(stopped, first + 1, torch.full_like(first, T))
+        T_out = int(length.max())
+        mask = (steps[None, :T_out] < length[:, None]).long()
+        pad = torch.full_like(response[:, :T_out], self.pad_id)
+        sampled = torch.where(mask.bool(), response[:, :T_out], pad)
+        zero = torch.zeros((), dtype=old_lp.dtype, device=old_lp.device)
+        old_lp = torch.where(mask.bool(), old_lp[:, :T_out].to(mask.device), zero)
+        samp_lp = torch.where(mask.bool(), samp_lp[:, :T_out].to(mask.device), zero)
+
+        tasks = tuple(task_ids[i] for i in prompt_index) if task_ids is not None else ()
+        return RolloutBatch(
+            input_ids_B_L=torch.cat([prompt_ids, sampled], dim=1),
+            attention_mask_B_L=torch.cat([prompt_mask, mask], dim=1),
+            prompt_len=P,
+            response_mask_B_T=mask,
+            sampled_ids_B_T=sampled,
+            old_logprobs_B_T=old_lp,
+            sampling_logprobs_B_T=samp_lp,
+            finish_reason=tuple(FINISH_STOP if bool(x) else FINISH_LENGTH for x in stopped.tolist()),
+            prompt_index=prompt_index,
+            task_ids=tasks,
+        )
+
+    def decode(self, batch: RolloutBatch) -> list[str]:
+        """The response texts of ``batch`` (masked positions dropped, special tokens kept)."""
+        return [
+            self.tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=False)
+            for ids, m in zip(batch.sampled_ids_B_T, batch.response_mask_B_T, strict=True)
+        ]
