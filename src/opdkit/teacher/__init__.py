@@ -1,0 +1,9 @@
+"""Teachers: producers of ``TeacherSignal`` for a student's rollout (see ARCHITECTURE.md).
+
+``LocalTeacher`` scores with a Hugging Face causal LM in this process, chunked over response positions
+so that peak memory is O(chunk_size x V).
+"""
+
+from opdkit.teacher.local import SUPPORT_SOURCES, LocalTeacher, position_ids_from_mask
+
+__all__ = ["LocalTeacher", "SUPPORT_SOURCES", "position_ids_from_mask"]
