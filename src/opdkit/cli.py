@@ -36,6 +36,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from opdkit.config import load_config
+    from opdkit.train import Trainer
+    from opdkit.train.run_dir import CONFIG_FILE, new_run_dir
+
+    if args.resume:
+        if args.items:
+            raise OpdkitError("--resume continues a run with its own config; drop CONFIG and the overrides")
+        trainer = Trainer(load_config(f"{args.resume}/{CONFIG_FILE}"), args.resume, resume=True)
+    else:
+        path, overrides = _split_config_args(args.items)
+        cfg = load_config(path, overrides)
+        run_dir = cfg.run.out_dir or new_run_dir()
+        trainer = Trainer(cfg, run_dir, overwrite=cfg.run.overwrite)
+    result = trainer.run()
+    print(f"run directory: {result.run_dir}")
+    print(f"final model:   {result.final_dir}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from opdkit.train.plots import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     import json
 
@@ -63,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="[CONFIG] [a.b=value ...]")
     p.add_argument("--out", help="write the resolved config to this YAML file")
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser(
+        "train",
+        help="on-policy distillation from a config",
+        description="Train a student by on-policy distillation. CONFIG is a YAML file (see configs/); "
+        "a.b=value overrides any field. --resume RUN_DIR continues an interrupted run from its last checkpoint.",
+    )
+    p.add_argument("items", nargs="*", metavar="[CONFIG] [a.b=value ...]")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("plot", help="PNG curves of a run's metrics", description="Plot RUN_DIR/metrics.jsonl.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="output directory (default RUN_DIR/plots)")
+    p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser(
         "check",

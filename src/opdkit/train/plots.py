@@ -1,0 +1,83 @@
+"""``opdkit plot RUN_DIR``: PNG curves of a run's metrics (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from opdkit.errors import OpdkitError
+
+__all__ = ["plot_run", "PANELS"]
+
+# One figure per group; a metric that a run never logged is left out.
+PANELS = {
+    "loss.png": ("Loss and gradient", ["loss", "grad_norm"]),
+    "diagnostics.png": (
+        "Diagnostics",
+        [
+            "negative_reward_frac",
+            "k1",
+            "teacher_support_mass",
+            "student_support_mass",
+            "sampled_outside_support_frac",
+            "special_masked_frac",
+            "entropy",
+        ],
+    ),
+    "rollout.png": ("Rollouts", ["response_length", "truncation_rate", "tokens_per_s"]),
+    "accuracy.png": ("Accuracy", ["eval_accuracy", "accuracy"]),
+}
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.exists():
+        raise OpdkitError(f"'{path}': no such file (is this a run directory?)")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise OpdkitError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write one PNG per panel with data under ``out_dir`` (default ``RUN_DIR/plots``); returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(run_dir)
+    rows = _read(run / "metrics.jsonl")
+    out = Path(out_dir) if out_dir is not None else run / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for filename, (title, keys) in PANELS.items():
+        series = {}
+        for key in keys:
+            pts = [
+                (r["step"], r[key])
+                for r in rows
+                if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) and math.isfinite(r[key])
+            ]
+            if pts:
+                series[key] = pts
+        if not series:
+            continue
+        fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.2 * len(series)), sharex=True, squeeze=False)
+        for ax, (key, pts) in zip(axes[:, 0], series.items()):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+            ax.set_ylabel(key, fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("step")
+        fig.suptitle(f"{title} — {run.name}")
+        fig.tight_layout()
+        path = out / filename
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

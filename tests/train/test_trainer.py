@@ -1,0 +1,214 @@
+"""The trainer on real tiny Hugging Face models: every objective, resume, NaN handling, export."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from opdkit.config import load_config
+from opdkit.errors import OpdkitError
+from opdkit.train import Trainer, TrainingAborted
+from opdkit.train.metrics import read_metrics
+from opdkit.train.run_dir import RunDirError
+
+PROMPTS = [[{"role": "user", "content": f"What is {a} + {b}?"}] for a in range(4) for b in range(4)]
+
+TIMING_KEYS = {"time_rollout_s", "time_teacher_s", "time_update_s", "time_step_s", "tokens_per_s"}
+
+
+def _cfg(dirs, **over):
+    base = {
+        "model.path": str(dirs["qwen2"]),
+        "teacher.path": str(dirs["llama"]),
+        "objective.top_k": 8,
+        "rollout.max_new_tokens": 8,
+        "rollout.n_samples": 2,
+        "optim.prompts_per_step": 2,
+        "optim.total_steps": 2,
+        "optim.micro_batch_size": 3,
+        "optim.mini_batches": 1,
+        "optim.lr": 1e-2,
+        "run.save_every": 1,
+        "run.tensorboard": False,
+    }
+    base.update(over)
+    return load_config(None, base)
+
+
+def _params(path):
+    from opdkit.hf import load_causal_lm
+
+    return {n: p.detach().clone() for n, p in load_causal_lm(path).named_parameters()}
+
+
+OBJECTIVES = [
+    {"objective.kind": "support_kl"},
+    {"objective.kind": "support_kl", "objective.fused": False},
+    {"objective.kind": "support_kl", "objective.support": "student_topk"},
+    {"objective.kind": "support_kl", "objective.support": "teacher_topk_plus_sampled"},
+    {"objective.kind": "support_kl", "objective.renormalize": False},
+    {"objective.kind": "support_kl", "objective.renormalize": False, "objective.tail_bucket": True},
+    {"objective.kind": "support_kl", "objective.divergence": "forward_kl"},
+    {"objective.kind": "support_kl", "objective.divergence": "jsd", "objective.jsd_beta": 0.3},
+    {"objective.kind": "sampled_token", "objective.gamma": 0.0},
+    {"objective.kind": "sampled_token", "objective.gamma": 1.0, "optim.mini_batches": 2},
+    {"objective.kind": "full_reverse_kl"},
+]
+
+
+@pytest.mark.parametrize("over", OBJECTIVES, ids=lambda o: "-".join(f"{k.split('.')[-1]}={v}" for k, v in o.items()))
+def test_two_steps_of_every_objective(tmp_path, tiny_model_dirs, over):
+    before = _params(tiny_model_dirs["qwen2"])
+    result = Trainer(_cfg(tiny_model_dirs, **over), tmp_path / "run", prompts=PROMPTS, progress=False).run()
+    rows = read_metrics(result.run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["skipped"] == 0
+        for key in ("negative_reward_frac", "teacher_support_mass", "student_support_mass", "entropy",
+                    "sampled_outside_support_frac", "response_length", "truncation_rate", "tokens_per_s"):
+            assert key in r and r[key] is not None
+    after = _params(result.final_dir)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert (result.run_dir / "config.yaml").exists()
+
+
+def test_resume_after_interruption_gives_identical_metrics(tmp_path, tiny_model_dirs):
+    cfg = _cfg(tiny_model_dirs, **{"optim.total_steps": 4, "run.save_every": 2})
+    Trainer(cfg, tmp_path / "straight", prompts=PROMPTS, progress=False).run()
+
+    class Kill(Exception):
+        pass
+
+    def kill_after_three(step, metrics, trainer):
+        if step == 3:  # after step 3 was logged, before its checkpoint would matter: the last one is step 2
+            raise Kill
+
+    with pytest.raises(Kill):
+        Trainer(cfg, tmp_path / "killed", prompts=PROMPTS, progress=False).run(on_step=kill_after_three)
+    assert len(read_metrics(tmp_path / "killed")) == 3
+    resumed = Trainer(cfg, tmp_path / "killed", prompts=PROMPTS, resume=True, progress=False).run()
+    a = read_metrics(tmp_path / "straight")
+    b = read_metrics(resumed.run_dir)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    strip = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in a], [
+        {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in b
+    ]
+    assert strip[0] == strip[1]
+    # and the weights are the same
+    pa, pb = _params(tmp_path / "straight" / "final"), _params(resumed.final_dir)
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+
+
+def test_nan_teacher_signal_is_skipped_and_counted_then_aborts(tmp_path, tiny_model_dirs):
+    cfg = _cfg(tiny_model_dirs, **{"optim.total_steps": 8, "optim.max_skipped_steps": 2, "run.save_every": 1})
+    trainer = Trainer(cfg, tmp_path / "run", prompts=PROMPTS, progress=False)
+    weight = trainer.teacher.model.get_output_embeddings().weight
+    clean = weight.detach().clone()
+
+    def poison(step, metrics, tr):
+        with torch.no_grad():  # a real NaN in the teacher's weights from step 2 (inclusive) on
+            if step == 1:
+                weight[5, 0] = float("nan")
+
+    with pytest.raises(TrainingAborted) as err:
+        trainer.run(on_step=poison)
+    msg = str(err.value)
+    assert "step 4" in msg and "3 steps in a row" in msg and "step-000001" in msg
+    rows = read_metrics(tmp_path / "run")
+    assert [r["skipped"] for r in rows] == [0, 1, 1, 1]
+    assert rows[-1]["skipped_steps"] == 3
+    assert rows[1]["skip_reason"] == "teacher_nan" and rows[1]["loss"] is None
+    assert torch.isnan(weight).any() and not torch.isnan(clean).any()
+
+
+def test_exported_model_reloads_and_generates(tmp_path, tiny_model_dirs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = Trainer(_cfg(tiny_model_dirs), tmp_path / "run", prompts=PROMPTS, progress=False).run()
+    model = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    tok = AutoTokenizer.from_pretrained(result.final_dir)
+    ids = tok.apply_chat_template(PROMPTS[0], add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+
+
+def test_run_directory_holding_a_run_is_refused(tmp_path, tiny_model_dirs):
+    cfg = _cfg(tiny_model_dirs, **{"optim.total_steps": 1})
+    Trainer(cfg, tmp_path / "run", prompts=PROMPTS, progress=False).run()
+    with pytest.raises(RunDirError, match="already holds a run"):
+        Trainer(cfg, tmp_path / "run", prompts=PROMPTS, progress=False)
+    Trainer(cfg, tmp_path / "run", prompts=PROMPTS, overwrite=True, progress=False)  # allowed when asked
+    with pytest.raises(RunDirError, match="nothing to resume"):
+        Trainer(cfg, tmp_path / "empty", prompts=PROMPTS, resume=True, progress=False)
+
+
+def test_missing_model_path_is_named(tmp_path, tiny_model_dirs):
+    from opdkit.hf import ModelLoadError
+
+    cfg = _cfg(tiny_model_dirs, **{"model.path": str(tmp_path / "nope")})
+    with pytest.raises(ModelLoadError, match="nope"):
+        Trainer(cfg, tmp_path / "run", prompts=PROMPTS, progress=False)
+    with pytest.raises(OpdkitError, match="data.train_path"):
+        Trainer(_cfg(tiny_model_dirs), tmp_path / "run2", progress=False)
+
+
+def test_half_written_checkpoint_is_never_picked_up(tmp_path, tiny_model_dirs):
+    from opdkit.train.checkpoint import latest_checkpoint
+
+    cfg = _cfg(tiny_model_dirs, **{"optim.total_steps": 2, "run.save_every": 1})
+    run = Trainer(cfg, tmp_path / "run", prompts=PROMPTS, progress=False).run().run_dir
+    ckpts = run / "checkpoints"
+    # a save killed mid-way leaves a temporary directory, and a directory without its COMPLETE marker
+    (ckpts / ".tmp-abc").mkdir()
+    (ckpts / ".tmp-abc" / "model.safetensors").write_bytes(b"half")
+    broken = ckpts / "step-000009"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"half")
+    assert latest_checkpoint(run).step == 2
+    assert json.loads((ckpts / "step-000002" / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_lora_trains_only_adapters_and_exports_a_merged_model(tmp_path, tiny_model_dirs):
+    cfg = _cfg(tiny_model_dirs, **{"model.lora_r": 4, "model.lora_target_modules": ["q_proj", "v_proj"]})
+    trainer = Trainer(cfg, tmp_path / "run", prompts=PROMPTS, progress=False)
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    result = trainer.run()
+    before, after = _params(tiny_model_dirs["qwen2"]), _params(result.final_dir)
+    assert set(before) == set(after)  # a plain model: adapters merged, no lora_ names
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)
+
+
+def test_train_command_line(tmp_path, tiny_model_dirs):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p[0]["content"], "answer": "0"}) + "\n" for p in PROMPTS))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        f"model:\n  path: {tiny_model_dirs['qwen2']}\nteacher:\n  path: {tiny_model_dirs['llama']}\n"
+        f"data:\n  train_path: {data}\nrun:\n  out_dir: {tmp_path / 'run'}\n  tensorboard: true\n"
+    )
+    exe = str(Path(sys.executable).parent / "opdkit")
+    over = ["optim.total_steps=1", "rollout.max_new_tokens=6", "rollout.n_samples=2", "optim.prompts_per_step=2",
+            "objective.top_k=4"]
+    r = subprocess.run([exe, "train", str(cfg), *over], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    again = subprocess.run([exe, "train", str(cfg), *over], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
+    resumed = subprocess.run([exe, "train", "--resume", str(tmp_path / "run")], capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    data.write_text('{"prompt": "ok"}\n{not json}\n')
+    bad = subprocess.run([exe, "train", str(cfg), *over, "run.overwrite=true"], capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 2 and f"{data} line 2" in bad.stderr
