@@ -65,3 +65,13 @@ def test_check_command_reports_on_real_model_directories(tiny_model_dirs):
     assert "RESULT" in r.stdout
     missing = _opdkit("check", "--student", "/no/such/dir", "--teacher", str(tiny_model_dirs["llama"]))
     assert missing.returncode == 2 and "/no/such/dir" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_analyze_commands(tmp_path):
+    out = tmp_path / "var"
+    r = _opdkit("analyze", "variance", "--out", str(out), "--T", "2,3", "--K", "1,2", "--gammas", "0,1",
+                "--n-estimates", "10", "--samples-per-estimate", "50", "--no-plot")
+    assert r.returncode == 0, r.stderr
+    assert (out / "variance.csv").exists() and "gamma=1" in r.stdout
+    bad = _opdkit("analyze", "run", str(tmp_path / "missing"))
+    assert bad.returncode == 2 and "metrics.jsonl" in bad.stderr and "Traceback" not in bad.stderr

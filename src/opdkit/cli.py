@@ -64,6 +64,17 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    # The analyses own their flags; importing them only here keeps every other command's start-up light.
+    if args.what == "variance":
+        from opdkit.analysis.variance import main_variance
+
+        return main_variance(args.rest)
+    from opdkit.analysis.run_report import main_run_report
+
+    return main_run_report(args.rest)
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     import json
 
@@ -101,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="[CONFIG] [a.b=value ...]")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "analyze",
+        help="bias-variance experiment, or the failure modes of a run",
+        description="opdkit analyze variance --out DIR [...]: bias and variance of the sampled-token gradient "
+        "for each discount gamma and of the support-set KL gradient for each K, against the exact gradient of "
+        "an enumerable toy. opdkit analyze run RUN_DIR: the paper's three failure modes over a run's metrics. "
+        "Add --help after the mode for its flags.",
+    )
+    p.add_argument("what", choices=("variance", "run"))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="flags of the mode (see opdkit analyze MODE --help)")
+    p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("plot", help="PNG curves of a run's metrics", description="Plot RUN_DIR/metrics.jsonl.")
     p.add_argument("run_dir", metavar="RUN_DIR")

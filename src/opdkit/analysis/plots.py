@@ -1,0 +1,81 @@
+"""Figures of the analyses (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_variance(results: Sequence[dict], path: str | Path) -> Path:
+    """``variance.png``: (a) variance against γ per T, log scale, with the support-KL (K = V) level
+    dashed; (b) support-KL variance against K; (c) the exact relative bias against γ, MC as markers."""
+    plt = _pyplot()
+    st = [r for r in results if r["estimator"] == "sampled_token"]
+    sk = [r for r in results if r["estimator"] == "support_kl"]
+    Ts = sorted({r["T"] for r in results})
+    gammas = sorted({r["gamma"] for r in st})
+    pos = {g: i for i, g in enumerate(gammas)}
+    colors = plt.get_cmap("viridis")([i / max(1, len(Ts) - 1) * 0.85 for i in range(len(Ts))])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    ax_var, ax_k, ax_bias = axes
+    for T, c in zip(Ts, colors):
+        rows = sorted((r for r in st if r["T"] == T), key=lambda r: r["gamma"])
+        if rows:
+            x = [pos[r["gamma"]] for r in rows]
+            y = [r["variance"] for r in rows]
+            lo = [max(r["variance"] - r["variance_ci_low"], 0.0) for r in rows]
+            hi = [max(r["variance_ci_high"] - r["variance"], 0.0) for r in rows]
+            ax_var.errorbar(x, y, yerr=[lo, hi], color=c, marker="o", ms=4, capsize=3, label=f"sampled-token, T={T}")
+            ax_bias.plot(x, [r["bias_rel_exact"] for r in rows], color=c, label=f"T={T} (exact)")
+            ax_bias.plot(x, [r["bias_rel"] for r in rows], color=c, ls="none", marker="x", ms=5)
+        full = [r for r in sk if r["T"] == T and r["renormalize"] and r["K"] == max(q["K"] for q in sk)]
+        if full and full[0]["variance"] > 0:
+            ax_var.axhline(full[0]["variance"], color=c, ls="--", lw=1, label=f"support KL K={full[0]['K']}, T={T}")
+        for renorm, ls in ((True, "-"), (False, "--")):
+            ks = sorted((r for r in sk if r["T"] == T and r["renormalize"] is renorm), key=lambda r: r["K"])
+            ks = [r for r in ks if r["variance"] > 0]
+            if ks:
+                ax_k.plot(
+                    [r["K"] for r in ks],
+                    [r["variance"] for r in ks],
+                    color=c,
+                    ls=ls,
+                    marker="o",
+                    ms=4,
+                    label=f"T={T}, {'renormalised' if renorm else 'not renormalised'}",
+                )
+    for ax in (ax_var, ax_bias):
+        ax.set_xticks(range(len(gammas)))
+        ax.set_xticklabels([f"{g:g}" for g in gammas])
+        ax.set_xlabel("discount γ")
+    ax_var.set_yscale("log")
+    ax_var.set_ylabel("variance per sample (trace of covariance)")
+    ax_var.set_title("sampled-token gradient variance (95% CI)")
+    ax_var.legend(fontsize=7)
+    ax_k.set_xscale("log", base=2)
+    k_values = sorted({r["K"] for r in sk})
+    ax_k.set_xticks(k_values)
+    ax_k.set_xticklabels([str(k) for k in k_values])
+    ax_k.minorticks_off()
+    ax_k.set_yscale("log")
+    ax_k.set_xlabel("support size K")
+    ax_k.set_ylabel("variance per sample")
+    ax_k.set_title("support-set KL gradient variance")
+    ax_k.legend(fontsize=7)
+    ax_bias.set_ylabel("‖E ĝ − ∇J‖ / ‖∇J‖")
+    ax_bias.set_title("relative bias (line: exact, x: Monte Carlo)")
+    ax_bias.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
