@@ -8,8 +8,12 @@ default size of ``opdkit analyze variance`` (same problems, same seeds, same tra
 with the support-set KL (K = V, renormalised) for scale. ``--extended`` adds a V = 2 sweep to longer
 horizons, where enumeration still fits, to show how the ratio keeps growing with T.
 
-    .venv/bin/python benchmarks/variance_bench.py             # default size (V = 4, T = 2 4 6 8)
-    .venv/bin/python benchmarks/variance_bench.py --extended  # + V = 2, T = 4 8 12 16
+Both problem presets are measured: ``default`` (V = 4, T = 2 4 6 8) and ``imbalanced`` (a student far
+from a sharper teacher, mostly negative rewards; V = 2, T = 4 8 12 16), each at its own default size.
+
+    .venv/bin/python benchmarks/variance_bench.py             # both presets at their default sizes
+    .venv/bin/python benchmarks/variance_bench.py --extended  # + default problem at V = 2, T = 4 8 12 16
+    .venv/bin/python benchmarks/variance_bench.py --problem default  # one preset only
 """
 
 from __future__ import annotations
@@ -25,13 +29,12 @@ from opdkit.analysis.variance import (
     DEFAULT_N_ESTIMATES,
     DEFAULT_SAMPLES_PER_ESTIMATE,
     DEFAULT_SEED,
-    DEFAULT_TS,
-    DEFAULT_VOCAB,
+    PROBLEM_PRESETS,
     run_variance_experiment,
 )
 
 
-def measure(vocab: int, Ts: list[int], n_estimates: int, samples: int, seed: int) -> None:
+def measure(vocab: int, Ts: list[int], n_estimates: int, samples: int, seed: int, problem: str = "default") -> None:
     t0 = time.perf_counter()
     results = run_variance_experiment(
         None,
@@ -43,9 +46,12 @@ def measure(vocab: int, Ts: list[int], n_estimates: int, samples: int, seed: int
         samples_per_estimate=samples,
         seed=seed,
         plot=False,
+        problem=problem,
     )
     elapsed = time.perf_counter() - t0
-    print(f"\nV = {vocab}, {n_estimates} x {samples} trajectories per T, seed {seed} ({elapsed:.1f} s)")
+    print(
+        f"\nproblem {problem}, V = {vocab}, {n_estimates} x {samples} trajectories per T, seed {seed} ({elapsed:.1f} s)"
+    )
     print(
         f"{'T':>3} {'var(g=0)':>10} {'var(g=1)':>10} {'ratio MC':>9} {'CI range':>15} {'ratio exact':>11}"
         f" {'bias g=0':>9} {'var supKL':>10}"
@@ -67,6 +73,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--extended", action="store_true", help="also V = 2 with T = 4 8 12 16")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--problem", choices=["both", *sorted(PROBLEM_PRESETS)], default="both", help="preset(s) to measure")
     args = p.parse_args()
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
@@ -75,9 +82,12 @@ def main() -> None:
     print("ratio = variance(gamma=1) / variance(gamma=0), variance = trace of the per-sample covariance;")
     print("'CI range' = [low1/high0, high1/low0] from the 95% bootstrap intervals; 'bias g=0' = exact")
     print("||E g0 - grad J|| / ||grad J||; 'var supKL' = support-set KL gradient, K = V, renormalised.")
-    measure(DEFAULT_VOCAB, list(DEFAULT_TS), DEFAULT_N_ESTIMATES, DEFAULT_SAMPLES_PER_ESTIMATE, args.seed)
+    names = sorted(PROBLEM_PRESETS) if args.problem == "both" else [args.problem]
+    for name in names:
+        pr = PROBLEM_PRESETS[name]
+        measure(pr.vocab, list(pr.Ts), DEFAULT_N_ESTIMATES, DEFAULT_SAMPLES_PER_ESTIMATE, args.seed, name)
     if args.extended:
-        measure(2, [4, 8, 12, 16], DEFAULT_N_ESTIMATES, DEFAULT_SAMPLES_PER_ESTIMATE, args.seed)
+        measure(2, [4, 8, 12, 16], DEFAULT_N_ESTIMATES, DEFAULT_SAMPLES_PER_ESTIMATE, args.seed, "default")
 
 
 if __name__ == "__main__":

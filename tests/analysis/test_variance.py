@@ -216,3 +216,32 @@ def test_bad_sizes_are_refused():
         run_variance_experiment(None, Ts=[2], gammas=[1.5])
     with pytest.raises(InputError, match="support_kl"):
         EstimatorSpec("support_kl", gamma=0.5)
+
+
+def test_imbalanced_preset_runs_is_reproducible_and_default_preset_is_make_problem():
+    from opdkit.analysis.variance import PROBLEM_PRESETS, variance_ratios
+
+    small = dict(Ts=[3, 6], gammas=[0.0, 1.0], Ks=[], n_estimates=4, samples_per_estimate=50, plot=False)
+    a = run_variance_experiment(None, seed=1, problem="imbalanced", **small)
+    b = run_variance_experiment(None, seed=1, problem="imbalanced", **small)
+    assert a == b
+    assert len(a) == 2 * (2 + 2)  # 2 gammas + K = V = 2 renormalised or not, per horizon
+    ratios = variance_ratios(a)
+    assert set(ratios) == {3, 6} and all(v["exact"] > 1.0 for v in ratios.values())
+    # the preset's own V (2) is used when vocab is not given
+    assert all(r["K"] in (None, 2) for r in a)
+    # the sampled-token rewards are mostly negative: the student puts its mass where the teacher does not
+    imb = PROBLEM_PRESETS["imbalanced"].make(2, 6, seed=0)
+    seqs = enumerate_sequences(2, 6)
+    rows = prefix_rows(2, seqs)
+    lp = torch.log_softmax(imb.student_logits_P_V, -1)[rows].gather(-1, seqs[..., None])[..., 0]
+    lq = torch.log_softmax(imb.teacher_logits_P_V, -1)[rows].gather(-1, seqs[..., None])[..., 0]
+    prob = lp.sum(-1).exp()
+    assert float((prob[:, None] * (lq < lp).double()).sum() / 6) > 0.5
+    # the default preset is make_problem's defaults, so the default experiment is unchanged
+    d = PROBLEM_PRESETS["default"].make(3, 2, seed=5)
+    m = make_problem(3, 2, seed=5)
+    assert torch.equal(d.student_logits_P_V, m.student_logits_P_V)
+    assert torch.equal(d.teacher_logits_P_V, m.teacher_logits_P_V)
+    with pytest.raises(InputError, match="problem"):
+        run_variance_experiment(None, problem="nope", **small)

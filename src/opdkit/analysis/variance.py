@@ -33,6 +33,13 @@ trajectories; the same trajectories serve every setting of one T, i.e. common ra
   (2000 resamples, seeded). The groups are iid, so no normality of the gradients is assumed.
 - The exact mean and variance of every estimator are also computed by enumeration (``exact_moments``)
   and shown in the Markdown table next to the Monte Carlo figures, as a check.
+
+Problem presets (``PROBLEM_PRESETS``, ``--problem``): ``default`` is ``make_problem``'s defaults (student
+``N(0, 1)``, teacher ``3 · (0.5 z + 0.87 z')``) at V = 4, T = 2 4 6 8. ``imbalanced`` is a student that is
+far from a sharper teacher: student ``2 z``, teacher ``4 · (−0.5 z + 0.87 z')`` (the teacher leans away
+from the student's preferred token), at V = 2, T = 4 8 12 16 (longer horizons, still enumerable). Its
+sampled-token rewards are mostly negative (about 70% of tokens) with a per-token KL of several nats, and
+variance(γ = 1) / variance(γ = 0) reaches about 100–150 at T = 16 (docs/bias_variance.md).
 """
 
 from __future__ import annotations
@@ -60,11 +67,14 @@ from opdkit.losses import (
 
 __all__ = [
     "CSV_COLUMNS",
+    "DEFAULT_PROBLEM",
     "DEFAULT_GAMMAS",
     "DEFAULT_KS",
     "DEFAULT_TS",
     "EstimatorSpec",
     "EstimatorStats",
+    "PROBLEM_PRESETS",
+    "ProblemPreset",
     "ToyProblem",
     "add_variance_arguments",
     "default_specs",
@@ -102,6 +112,7 @@ DEFAULT_SAMPLES_PER_ESTIMATE = 500
 DEFAULT_SEED = 0
 BOOTSTRAP_RESAMPLES = 2000
 CI_LEVEL = 0.95
+DEFAULT_PROBLEM = "default"
 # Sequences enumerated at most (exact gradient and exact moments): V^T rows of [T, V] float64.
 MAX_ENUMERATED = 1 << 20
 # Samples per autograd pass (memory: about 10 float64 tensors of [chunk, T, V]).
@@ -161,6 +172,60 @@ def make_problem(
     z2 = torch.randn(P, V, generator=g, dtype=torch.float64)
     teacher = teacher_scale * (correlation * z + math.sqrt(1.0 - correlation**2) * z2)
     return ToyProblem(V, T, student_scale * z, teacher)
+
+
+@dataclass(frozen=True)
+class ProblemPreset:
+    """A named toy problem: ``make_problem``'s scales and correlation, and its default V and horizons."""
+
+    name: str
+    student_scale: float
+    teacher_scale: float
+    correlation: float
+    vocab: int
+    Ts: tuple[int, ...]
+    description: str
+
+    def make(self, V: int, T: int, seed: int) -> ToyProblem:
+        return make_problem(
+            V,
+            T,
+            seed,
+            student_scale=self.student_scale,
+            teacher_scale=self.teacher_scale,
+            correlation=self.correlation,
+        )
+
+
+PROBLEM_PRESETS: dict[str, ProblemPreset] = {
+    "default": ProblemPreset(
+        "default",
+        1.0,
+        3.0,
+        0.5,
+        DEFAULT_VOCAB,
+        DEFAULT_TS,
+        "student N(0, 1); teacher 3 · (0.5 z + 0.87 z'), sharper and partly aligned",
+    ),
+    # A student far from a sharper teacher that leans away from the student's preferred tokens: mostly
+    # negative rewards with a large mean; measured variance(γ=1)/variance(γ=0) of about 100–150 at T = 16.
+    "imbalanced": ProblemPreset(
+        "imbalanced",
+        2.0,
+        4.0,
+        -0.5,
+        2,
+        (4, 8, 12, 16),
+        "student 2 z; teacher 4 · (−0.5 z + 0.87 z'), sharper and leaning away from the student",
+    ),
+}
+
+
+def get_preset(name: str) -> ProblemPreset:
+    try:
+        return PROBLEM_PRESETS[name]
+    except KeyError:
+        raise InputError(f"problem: expected one of {sorted(PROBLEM_PRESETS)}, got {name!r}") from None
 
 
 def prefix_rows(V: int, seqs_N_T: torch.Tensor) -> torch.Tensor:
@@ -402,27 +467,32 @@ def _seed_for(seed: int, T: int, what: int) -> int:
 def run_variance_experiment(
     out_dir: str | Path | None,
     *,
-    Ts: Sequence[int] = DEFAULT_TS,
+    Ts: Sequence[int] | None = None,
     gammas: Sequence[float] = DEFAULT_GAMMAS,
     Ks: Sequence[int] = DEFAULT_KS,
-    vocab: int = DEFAULT_VOCAB,
+    vocab: int | None = None,
     n_estimates: int = DEFAULT_N_ESTIMATES,
     samples_per_estimate: int = DEFAULT_SAMPLES_PER_ESTIMATE,
     seed: int = DEFAULT_SEED,
     plot: bool = True,
     verbose: bool = False,
+    problem: str = DEFAULT_PROBLEM,
 ) -> list[dict]:
     """Run the experiment; write ``variance.csv``, ``variance.md`` and ``variance.png`` under ``out_dir``.
 
-    For each T: one toy problem (seeded by ``seed`` and T), ``n_estimates × samples_per_estimate``
-    trajectories from the student, and every estimator setting evaluated on them.
+    ``problem`` names a ``PROBLEM_PRESETS`` entry; ``Ts`` and ``vocab`` left ``None`` take its defaults
+    (``default``: V = 4, T = 2 4 6 8). For each T: one toy problem (seeded by ``seed`` and T),
+    ``n_estimates × samples_per_estimate`` trajectories from the student, and every estimator setting
+    evaluated on them.
 
     Returns one dict per setting with the CSV columns (``gamma`` None for support_kl, ``K`` and
     ``renormalize`` None for sampled_token) plus ``bias_rel_exact``, ``variance_exact``,
     ``bias_noise_floor`` (``sqrt(variance / N) / ‖∇J‖``), ``n_samples``, ``grad_norm_exact``.
     ``out_dir=None`` writes nothing.
     """
-    Ts = [int(t) for t in Ts]
+    preset = get_preset(problem)
+    Ts = [int(t) for t in (preset.Ts if Ts is None else Ts)]
+    vocab = preset.vocab if vocab is None else int(vocab)
     gammas = [float(g) for g in gammas]
     if not Ts or any(t < 1 for t in Ts):
         raise InputError(f"Ts: expected horizons >= 1, got {Ts}")
@@ -439,18 +509,18 @@ def run_variance_experiment(
     results: list[dict] = []
     for T in Ts:
         t0 = time.perf_counter()
-        problem = make_problem(vocab, T, _seed_for(seed, T, 1))
-        exact = exact_kl_gradient(problem)
+        toy = preset.make(vocab, T, _seed_for(seed, T, 1))
+        exact = exact_kl_gradient(toy)
         exact_norm = float(exact.norm())
         gen = torch.Generator().manual_seed(_seed_for(seed, T, 2))
-        seqs = sample_sequences(problem, n_estimates * samples_per_estimate, gen)
+        seqs = sample_sequences(toy, n_estimates * samples_per_estimate, gen)
         rows = prefix_rows(vocab, seqs)
-        enumeration = _Enumeration.of(problem)
+        enumeration = _Enumeration.of(toy)
         for i, spec in enumerate(specs):
             stats = estimate(
-                problem, spec, seqs, samples_per_estimate, bootstrap_seed=_seed_for(seed, T, 100 + i), rows_N_T=rows
+                toy, spec, seqs, samples_per_estimate, bootstrap_seed=_seed_for(seed, T, 100 + i), rows_N_T=rows
             )
-            ex_mean, ex_var = _exact_moments(problem, spec, enumeration)
+            ex_mean, ex_var = _exact_moments(toy, spec, enumeration)
             results.append(
                 {
                     "estimator": spec.estimator,
@@ -476,7 +546,12 @@ def run_variance_experiment(
         out.mkdir(parents=True, exist_ok=True)
         write_csv(results, out / "variance.csv")
         settings = dict(
-            vocab=vocab, Ts=Ts, n_estimates=n_estimates, samples_per_estimate=samples_per_estimate, seed=seed
+            vocab=vocab,
+            Ts=Ts,
+            n_estimates=n_estimates,
+            samples_per_estimate=samples_per_estimate,
+            seed=seed,
+            problem=preset.name,
         )
         (out / "variance.md").write_text(format_markdown(results, settings), encoding="utf-8")
         if plot:
@@ -532,6 +607,9 @@ def format_markdown(results: Sequence[dict], settings: dict) -> str:
         f"V = {settings['vocab']}, T in {settings['Ts']}, {settings['n_estimates']} groups × "
         f"{settings['samples_per_estimate']} trajectories = {n} samples per T (the same trajectories for "
         f"every setting of one T), seed {settings['seed']}.",
+        "",
+        f"Problem `{settings.get('problem', DEFAULT_PROBLEM)}`: "
+        f"{get_preset(settings.get('problem', DEFAULT_PROBLEM)).description}.",
         "",
         "- `bias_rel` = ‖mean − ∇J‖ / ‖∇J‖ from the samples; `floor` = sqrt(variance / N) / ‖∇J‖, the "
         "size of the Monte Carlo noise in `bias_rel` (a bias well below it is not resolved); `exact` "
@@ -592,10 +670,16 @@ def _ints(s: str) -> list[int]:
 def add_variance_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``opdkit analyze variance``."""
     p.add_argument("--out", required=True, help="output directory (variance.csv, variance.md, variance.png)")
-    p.add_argument("--T", dest="Ts", type=_ints, default=list(DEFAULT_TS), help="horizons, e.g. '2,4,6' (default)")
+    p.add_argument(
+        "--problem",
+        choices=sorted(PROBLEM_PRESETS),
+        default=DEFAULT_PROBLEM,
+        help="toy problem preset (default: 'default'; 'imbalanced': a far student, sharper teacher, V=2, T up to 16)",
+    )
+    p.add_argument("--T", dest="Ts", type=_ints, default=None, help="horizons, e.g. '2,4,6' (default: the preset's)")
     p.add_argument("--gammas", type=_floats, default=list(DEFAULT_GAMMAS), help="discounts, comma-separated")
     p.add_argument("--K", dest="Ks", type=_ints, default=list(DEFAULT_KS), help="support sizes (V always added)")
-    p.add_argument("--vocab", type=int, default=DEFAULT_VOCAB, help=f"vocabulary size V (default {DEFAULT_VOCAB})")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size V (default: the preset's)")
     p.add_argument("--n-estimates", type=int, default=DEFAULT_N_ESTIMATES, help="independent groups")
     p.add_argument("--samples-per-estimate", type=int, default=DEFAULT_SAMPLES_PER_ESTIMATE, help="trajectories/group")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
@@ -614,6 +698,7 @@ def variance_from_args(args: argparse.Namespace) -> int:
         seed=args.seed,
         plot=not args.no_plot,
         verbose=True,
+        problem=args.problem,
     )
     for T, v in variance_ratios(results).items():
         print(f"T={T}: variance(gamma=1)/variance(gamma=0) = {v['mc']:.3g} (exact {v['exact']:.3g})")
