@@ -30,9 +30,17 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from opdkit.demo.toy import main as toy_main
+    if args.toy:
+        from opdkit.demo.toy import main as toy_main
 
-    toy_main(steps=args.steps)
+        toy_main(steps=args.steps)
+        return 0
+    from opdkit.demo.run import run_demo
+
+    path, overrides = _split_config_args(args.overrides)
+    if path is not None:
+        raise OpdkitError(f"demo: expected a.b=value overrides, got {path!r}")
+    run_demo(args.out, compare=args.compare, cache_dir=args.cache_dir, overrides=overrides)
     return 0
 
 
@@ -147,10 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="run the built-in offline demo",
-        description="A pure-torch on-policy distillation run on a Markov language model: sampled-token "
-        "OPD against the teacher-top-K support-set KL, same seed and budget.",
+        description="On-policy distillation end to end, offline: builds (once, cached) a tokenizer, a tiny "
+        "teacher fine-tuned on arithmetic with worked solutions and a weaker student, then distils the "
+        "teacher into the student with the teacher-top-K objective and prints accuracies before and after.",
     )
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per objective (default 80)")
+    p.add_argument("overrides", nargs="*", metavar="a.b=value", help="overrides of the demo config")
+    p.add_argument("--out", default=None, help="output directory (default: a new directory under runs/)")
+    p.add_argument("--compare", action="store_true",
+                   help="also run sampled-token OPD, the KL without renormalisation and off-policy SFT")
+    p.add_argument("--cache-dir", default=None, help="where the demo's models are cached (default ~/.cache/opdkit)")
+    p.add_argument("--toy", action="store_true", help="the seconds-long pure-torch Markov-LM demo instead")
+    p.add_argument("--steps", type=int, default=None, help="--toy only: optimizer steps per objective")
     p.set_defaults(func=_cmd_demo)
     return parser
 

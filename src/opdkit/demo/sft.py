@@ -76,11 +76,16 @@ def lr_at(step: int, *, lr: float, steps: int, warmup: int, min_lr_ratio: float)
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def response_loss(model, ids_B_L: torch.Tensor, mask_B_L: torch.Tensor, labels_B_L: torch.Tensor) -> torch.Tensor:
+def response_loss(
+    model, ids_B_L: torch.Tensor, mask_B_L: torch.Tensor, labels_B_L: torch.Tensor, *, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose label is not ``IGNORE``."""
     logits = model(input_ids=ids_B_L, attention_mask=mask_B_L).logits[:, :-1]
     return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels_B_L[:, 1:].reshape(-1), ignore_index=IGNORE
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels_B_L[:, 1:].reshape(-1),
+        ignore_index=IGNORE,
+        label_smoothing=label_smoothing,
     )
 
 
@@ -96,6 +101,7 @@ def sft_train(
     min_lr_ratio: float,
     weight_decay: float,
     seed: int,
+    label_smoothing: float = 0.0,
     log: Callable[[str], None] | None = None,
     log_every: int = 100,
     name: str = "sft",
@@ -134,7 +140,7 @@ def sft_train(
         del order[:batch_size]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, lr=lr, steps=steps, warmup=warmup, min_lr_ratio=min_lr_ratio)
-        loss = response_loss(model, *collate(batch, pad_id))
+        loss = response_loss(model, *collate(batch, pad_id), label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

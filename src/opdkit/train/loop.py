@@ -91,6 +91,9 @@ class Trainer:
         prompts: the training prompts (``PromptRecord``s or chat-message lists); default: ``data.train_path``.
         resume / overwrite: what to do with an existing run directory.
         progress: show a progress bar.
+        eval_fn: optional ``eval_fn(model, tokenizer, step) -> dict`` of extra metrics (e.g.
+            ``{"eval_accuracy": 0.8}``), run every ``eval.every_steps`` steps and after the last step;
+            its numbers go into that step's metrics line.
     """
 
     def __init__(
@@ -102,10 +105,12 @@ class Trainer:
         resume: bool = False,
         overwrite: bool = False,
         progress: bool = True,
+        eval_fn=None,
     ):
         self.run_dir, self.cfg = prepare_run_dir(cfg, run_dir, resume=resume, overwrite=overwrite)
         cfg = self.cfg
         self.progress = progress
+        self.eval_fn = eval_fn
         if cfg.model.path is None or (cfg.teacher.path is None and cfg.teacher.url is None):
             raise OpdkitError("model.path and teacher.path must be set to train")
         if cfg.teacher.url is not None:
@@ -442,6 +447,11 @@ class Trainer:
                 else:
                     consecutive = 0
                 metrics.update(step=step + 1, skipped_steps=skipped_total)
+                every, last = cfg.eval.every_steps, step + 1 == cfg.optim.total_steps
+                if self.eval_fn is not None and ((every and (step + 1) % every == 0) or last):
+                    model = self.accelerator.unwrap_model(self.model)
+                    model.eval()
+                    metrics.update(self.eval_fn(model, self.tokenizer, step + 1))
                 if logger is not None and (step + 1) % cfg.run.log_every == 0:
                     logger.log(metrics)
                 if on_step is not None:
