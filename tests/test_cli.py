@@ -45,7 +45,7 @@ def test_config_errors_are_one_clear_line(args, needle):
 
 
 def test_toy_demo_runs_and_reports_every_objective():
-    r = _opdkit("demo", "--steps", "3")
+    r = _opdkit("demo", "--toy", "--steps", "3")
     assert r.returncode == 0, r.stderr
     for label in ("sampled-token OPD", "renormalised", "tail bucket"):
         assert label in r.stdout
