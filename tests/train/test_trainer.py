@@ -212,3 +212,43 @@ def test_train_command_line(tmp_path, tiny_model_dirs):
     bad = subprocess.run([exe, "train", str(cfg), *over, "run.overwrite=true"], capture_output=True, text=True,
                          timeout=600)
     assert bad.returncode == 2 and f"{data} line 2" in bad.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dirs):
+    """A real kill -9 of `opdkit train` at an arbitrary moment; the resumed run ends where a clean one does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p[0]["content"]}) + "\n" for p in PROMPTS))
+    exe = str(Path(sys.executable).parent / "opdkit")
+    common = [f"model.path={tiny_model_dirs['qwen2']}", f"teacher.path={tiny_model_dirs['llama']}",
+              f"data.train_path={data}", "optim.total_steps=6", "run.save_every=2", "rollout.max_new_tokens=8",
+              "rollout.n_samples=2", "optim.prompts_per_step=2", "objective.top_k=4", "optim.lr=1e-2",
+              "run.tensorboard=false"]
+    clean = subprocess.run([exe, "train", *common, f"run.out_dir={tmp_path / 'clean'}"], capture_output=True,
+                           text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([exe, "train", *common, f"run.out_dir={run}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(read_metrics(run)) < 3:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 3 <= len(read_metrics(run)) < 6
+    resumed = subprocess.run([exe, "train", "--resume", str(run)], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+    assert strip(read_metrics(run)) == strip(read_metrics(tmp_path / "clean"))
+    pa, pb = _params(tmp_path / "clean" / "final"), _params(run / "final")
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
