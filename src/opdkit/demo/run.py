@@ -64,10 +64,10 @@ def _flatten(cfg: Config) -> dict[str, Any]:
 
 
 def _accuracy(model, tokenizer, problems, settings, seed: int) -> float:
-    from opdkit.demo.models import generate_responses
-    from opdkit.demo.task import accuracy
+    """The demo's accuracy protocol (``DemoSettings``' sampling) for any model."""
+    from opdkit.demo.models import evaluate_accuracy
 
-    out = generate_responses(
+    return evaluate_accuracy(
         model,
         tokenizer,
         problems,
@@ -77,7 +77,6 @@ def _accuracy(model, tokenizer, problems, settings, seed: int) -> float:
         seed=seed,
         batch_size=settings.eval_batch_size,
     )
-    return accuracy(out.texts, [p.answer for p in problems])
 
 
 def _train_prompts(n: int, seed: int):
