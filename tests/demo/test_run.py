@@ -37,3 +37,14 @@ def test_demo_compare_writes_summary_table_and_plots(tmp_path):
 
 def test_shipped_demo_config_is_the_packaged_one():
     assert load_config("configs/demo.yaml") == demo_config()
+
+
+def test_off_policy_targets_are_the_teachers_finished_samples():
+    from opdkit.demo.run import teacher_sample_problems
+    from opdkit.demo.task import make_problems
+
+    probs = make_problems(3, 0, "train")
+    out = teacher_sample_problems(probs, ["a", "b", "c"], [True, False, True])
+    assert [p.solution for p in out] == ["a", "c"]
+    assert [p.prompt for p in out] == [probs[0].prompt, probs[2].prompt]
+    assert all(p.solution != q.solution for p, q in zip(out, (probs[0], probs[2])))

@@ -15,6 +15,7 @@ baseline OPD must beat to be worth its cost), and writes a comparison table and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -114,13 +115,18 @@ def _run_opd(arm: DemoArm, cfg: Config, models, eval_problems, run_dir: Path, lo
     ]}
 
 
+def teacher_sample_problems(problems, texts, finished) -> list:
+    """Problems whose ``solution`` is the teacher's own finished sample (the reference is never used)."""
+    return [dataclasses.replace(p, solution=text) for p, text, done in zip(problems, texts, finished) if done]
+
+
 def _run_off_policy(cfg: Config, models, eval_problems, out: Path, log) -> dict[str, Any]:
     """SFT of the student on teacher samples: as many samples and optimizer steps as the OPD arm."""
     import torch
 
     from opdkit.demo.models import generate_responses, load_demo_model, load_demo_tokenizer
     from opdkit.demo.sft import build_examples, sft_train
-    from opdkit.demo.task import Problem, make_problems
+    from opdkit.demo.task import make_problems
 
     t0 = time.perf_counter()
     settings = models.settings
@@ -134,10 +140,7 @@ def _run_off_policy(cfg: Config, models, eval_problems, out: Path, log) -> dict[
             teacher, tok, problems, max_new_tokens=cfg.rollout.max_new_tokens, top_p=cfg.rollout.top_p,
             temperature=cfg.rollout.temperature, seed=cfg.run.seed + 1000 + i, batch_size=settings.eval_batch_size,
         )
-        # The teacher's own sample is the target; the reference solution is never used.
-        samples += [
-            Problem(p.prompt, p.answer, text) for p, text, done in zip(problems, out_i.texts, out_i.finished) if done
-        ]
+        samples += teacher_sample_problems(problems, out_i.texts, out_i.finished)
     del teacher
     student = load_demo_model(models.student_dir)
     torch.manual_seed(cfg.run.seed)
