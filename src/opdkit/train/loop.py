@@ -297,10 +297,15 @@ class Trainer:
             mode=cfg.objective.special_token_mode,
         )
         student_topk = self.cfg.objective.kind != "full_reverse_kl" and self.cfg.objective.support == "student_topk"
-        stats = self._student_stats(batch, None, topk=self.support_k if student_topk else 0)
-        signal: TeacherSignal = self.teacher.score(
-            batch, student_support_ids_B_T_K=stats.get("topk_ids_B_T_K") if student_topk else None
-        )
+        # One no-grad student pass per step: for student_topk it must come first (it picks the support);
+        # otherwise after the teacher, so that it can also read the student's log-probs on the support.
+        if student_topk:
+            stats = self._student_stats(batch, None, topk=self.support_k)
+            stats["support_logprobs_B_T_K"] = stats["topk_logprobs_B_T_K"]
+            signal: TeacherSignal = self.teacher.score(batch, student_support_ids_B_T_K=stats["topk_ids_B_T_K"])
+        else:
+            signal = self.teacher.score(batch)
+            stats = self._student_stats(batch, signal.support_ids_B_T_K, topk=0)
         timings["time_teacher_s"] = time.perf_counter() - t1
 
         finite = bool(
@@ -310,7 +315,7 @@ class Trainer:
         )
         metrics: dict[str, Any] = {}
         if finite:
-            support_lp = self._student_stats(batch, signal.support_ids_B_T_K, topk=0)["support_logprobs_B_T_K"]
+            support_lp = stats["support_logprobs_B_T_K"]
             diag = opd_diagnostics(
                 loss_mask,
                 sampled_ids=batch.sampled_ids_B_T,

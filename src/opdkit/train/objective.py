@@ -103,14 +103,21 @@ def student_statistics(
     Returns ``old_logprobs_B_T`` (log π_old of the sampled tokens, consistent with the training forward
     pass, unlike the incremental logits of ``generate``), ``entropy_B_T``, and when asked
     ``support_logprobs_B_T_K`` (full-vocab student log-probs on the support, for the mass diagnostic)
-    and ``topk_ids_B_T_K`` (the ``student_topk`` support source). Memory O(chunk_size x V).
+    and ``topk_ids_B_T_K`` / ``topk_logprobs_B_T_K`` (the ``student_topk`` support source and the
+    student's log-probs there). Memory O(chunk_size x V).
     """
     hidden_B_T_H, head = response_hidden(model, input_ids_B_L, attention_mask_B_L, prompt_len)
     B, T, H = hidden_B_T_H.shape
     flat = hidden_B_T_H.reshape(B * T, H)
     sampled = sampled_ids_B_T.reshape(B * T)
     support = None if support_ids_B_T_K is None else support_ids_B_T_K.reshape(B * T, -1).clamp(min=0)
-    out = {"old_logprobs_B_T": [], "entropy_B_T": [], "support_logprobs_B_T_K": [], "topk_ids_B_T_K": []}
+    out = {
+        "old_logprobs_B_T": [],
+        "entropy_B_T": [],
+        "support_logprobs_B_T_K": [],
+        "topk_ids_B_T_K": [],
+        "topk_logprobs_B_T_K": [],
+    }
     for s in range(0, B * T, chunk_size):
         lp = torch.log_softmax(_logits(head, flat[s : s + chunk_size]) / temperature, dim=-1)
         out["old_logprobs_B_T"].append(lp.gather(-1, sampled[s : s + chunk_size, None]).squeeze(-1))
@@ -118,7 +125,9 @@ def student_statistics(
         if support is not None:
             out["support_logprobs_B_T_K"].append(lp.gather(-1, support[s : s + chunk_size]))
         if topk:
-            out["topk_ids_B_T_K"].append(lp.topk(topk, dim=-1).indices)
+            values, ids = lp.topk(topk, dim=-1)
+            out["topk_ids_B_T_K"].append(ids)
+            out["topk_logprobs_B_T_K"].append(values)
     result = {}
     for key, parts in out.items():
         if parts:
