@@ -1,0 +1,218 @@
+"""The gradient estimators on the toy problem: specs, per-sample gradients, Monte Carlo and exact moments.
+
+Shapes: ``N`` sampled responses of ``T`` positions over ``V`` tokens; ``P`` prefix rows of the toy
+problem's tables (``opdkit.analysis.toy``), so a gradient is a ``[P, V]`` table (``D = P·V``
+coordinates); ``S = V^T`` enumerated responses.
+
+Estimators, one sampled trajectory ``y ~ π_θ`` each, all computed with the library objective code
+(``opdkit.losses``) and autograd, as a trainer would:
+
+- ``sampled_token`` (objective 1) with discount γ: the gradient of ``Σ_t L_t`` with
+  ``L_t = −A^γ_t ρ_t`` from ``sampled_token_advantages`` and ``policy_gradient_loss`` at ``ρ = 1``,
+  i.e. ``−Σ_t A^γ_t ∇ log π(y_t|c_t)``. Its sign follows the loss, so it estimates ``+∇J``; γ = 1 is
+  unbiased for ``∇J``, γ < 1 drops the coupling to future rewards and is biased.
+- ``support_kl`` (objective 3) with the teacher's top-K support, renormalised or not: the gradient of
+  ``Σ_t KL_S(π̄(·|c_t) ‖ q̄(·|c_t))`` along the sampled trajectory (``support_kl`` + autograd). It is the
+  gradient of a *different* objective; its "bias" is measured against ``∇J`` all the same.
+
+Per-sample gradients come out of one autograd pass: the student's logit rows are gathered per position
+into a leaf ``[N, T, V]``; its gradient holds, at ``[i, t]``, the block of sample ``i``'s gradient at
+row ``c_{i,t}``. A sample's T positions have prefixes of different lengths, hence distinct rows, so the
+squared norm of a sample's gradient is the sum of its T blocks' squared norms: no ``[N, P·V]`` matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from opdkit.analysis.toy import Enumeration, ToyProblem, prefix_rows
+from opdkit.errors import InputError
+from opdkit.losses import (
+    aggregate,
+    policy_gradient_loss,
+    sampled_token_advantages,
+    support_kl,
+    teacher_topk_support,
+)
+
+__all__ = [
+    "BOOTSTRAP_RESAMPLES",
+    "CI_LEVEL",
+    "EstimatorSpec",
+    "EstimatorStats",
+    "default_specs",
+    "estimate",
+    "exact_moments",
+    "per_sample_gradients",
+]
+
+BOOTSTRAP_RESAMPLES = 2000
+CI_LEVEL = 0.95
+# Samples per autograd pass (memory: about 10 float64 tensors of [chunk, T, V]).
+_CHUNK = 1 << 15
+
+
+# ---------------------------------------------------------------------------------------- the estimators
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """One estimator setting: ``sampled_token`` with ``gamma``, or ``support_kl`` with ``K``, ``renormalize``."""
+
+    estimator: Literal["sampled_token", "support_kl"]
+    gamma: float | None = None
+    K: int | None = None
+    renormalize: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.estimator == "sampled_token":
+            if self.gamma is None or self.K is not None or self.renormalize is not None:
+                raise InputError("sampled_token: set gamma only")
+        elif self.estimator == "support_kl":
+            if self.gamma is not None or self.K is None or self.renormalize is None:
+                raise InputError("support_kl: set K and renormalize only")
+        else:
+            raise InputError(f"estimator: expected 'sampled_token' or 'support_kl', got {self.estimator!r}")
+
+    @property
+    def label(self) -> str:
+        if self.estimator == "sampled_token":
+            return f"sampled_token(gamma={self.gamma:g})"
+        return f"support_kl(K={self.K}, {'renorm' if self.renormalize else 'raw'})"
+
+
+def default_specs(V: int, gammas: Sequence[float], Ks: Sequence[int]) -> list[EstimatorSpec]:
+    """Sampled-token for each γ, then support-KL for each K ≤ V (V always included), renormalised or not."""
+    specs = [EstimatorSpec("sampled_token", gamma=float(g)) for g in gammas]
+    ks = sorted({int(k) for k in Ks if 1 <= int(k) <= V} | {V})
+    for k in ks:
+        for renorm in (True, False):
+            specs.append(EstimatorSpec("support_kl", K=k, renormalize=renorm))
+    return specs
+
+
+def per_sample_gradients(
+    problem: ToyProblem, seqs_N_T: torch.Tensor, spec: EstimatorSpec, *, rows_N_T: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's gradient of its loss ``Σ_t L_t``, as ``(rows[N, T], grad[N, T, V])``.
+
+    ``grad[i, t]`` is sample i's gradient w.r.t. the student's logit row ``rows[i, t]`` (every other
+    row of sample i has zero gradient). Computed by the library objective and autograd. ``rows_N_T``
+    (``prefix_rows`` of the sequences) may be passed to save recomputing it.
+    """
+    N, T = seqs_N_T.shape
+    rows = prefix_rows(problem.V, seqs_N_T) if rows_N_T is None else rows_N_T
+    logits_N_T_V = problem.student_logits_P_V[rows].detach().clone().requires_grad_(True)
+    teacher_N_T_V = problem.teacher_logits_P_V[rows]
+    mask = torch.ones(N, T, dtype=torch.bool)
+    if spec.estimator == "sampled_token":
+        lp = torch.log_softmax(logits_N_T_V, dim=-1).gather(-1, seqs_N_T.unsqueeze(-1)).squeeze(-1)
+        lq = torch.log_softmax(teacher_N_T_V, dim=-1).gather(-1, seqs_N_T.unsqueeze(-1)).squeeze(-1)
+        adv = sampled_token_advantages(lq, lp.detach(), mask, gamma=spec.gamma)
+        per_token = policy_gradient_loss(lp, lp.detach(), adv, mask)
+    else:
+        support_ids, teacher_lp = teacher_topk_support(teacher_N_T_V, spec.K)
+        per_token = support_kl(logits_N_T_V, support_ids, teacher_lp, mask, renormalize=spec.renormalize)
+    # One trajectory's estimate is the token *sum*; denominator=1 makes the total the sum over samples,
+    # so the gradient w.r.t. each sample's own leaf rows is that sample's gradient, unscaled.
+    total = aggregate(per_token, mask, "seq-mean-token-sum", denominator=1.0)
+    (grad,) = torch.autograd.grad(total, logits_N_T_V)
+    return rows, grad
+
+
+# ------------------------------------------------------------------------------------------- the moments
+@dataclass(frozen=True)
+class EstimatorStats:
+    """Monte Carlo figures of one estimator setting (``D = P·V`` gradient coordinates)."""
+
+    mean_P_V: torch.Tensor  # mean of the N one-sample estimates
+    stderr_P_V: torch.Tensor  # per-coordinate standard error of that mean
+    group_variances: torch.Tensor  # [n_estimates] unbiased per-group traces of the covariance
+    variance: float  # mean of group_variances: trace of the per-sample covariance
+    variance_ci: tuple[float, float]  # 95% percentile bootstrap over groups
+    n_samples: int
+
+
+def estimate(
+    problem: ToyProblem,
+    spec: EstimatorSpec,
+    seqs_N_T: torch.Tensor,
+    samples_per_estimate: int,
+    *,
+    bootstrap_seed: int = 0,
+    rows_N_T: torch.Tensor | None = None,
+) -> EstimatorStats:
+    """Monte Carlo mean, per-coordinate standard error and per-sample variance of one estimator.
+
+    ``seqs_N_T`` (from ``sample_sequences``) is split into consecutive groups of ``samples_per_estimate``;
+    ``rows_N_T`` is its ``prefix_rows`` (computed if not given).
+    """
+    N = seqs_N_T.shape[0]
+    M = int(samples_per_estimate)
+    if M < 2 or N % M or N // M < 2:
+        raise InputError(f"need at least 2 groups of >= 2 samples: N={N}, samples_per_estimate={M}")
+    n_groups = N // M
+    P, V = problem.student_logits_P_V.shape
+    sum_P_V = torch.zeros(P, V, dtype=torch.float64)
+    sumsq_P_V = torch.zeros(P, V, dtype=torch.float64)
+    group_var = torch.empty(n_groups, dtype=torch.float64)
+    all_rows = prefix_rows(problem.V, seqs_N_T) if rows_N_T is None else rows_N_T
+    groups_per_chunk = max(1, _CHUNK // M)
+    for g0 in range(0, n_groups, groups_per_chunk):
+        g1 = min(n_groups, g0 + groups_per_chunk)
+        chunk = slice(g0 * M, g1 * M)
+        rows, grad = per_sample_gradients(problem, seqs_N_T[chunk], spec, rows_N_T=all_rows[chunk])
+        flat_rows, flat_grad = rows.reshape(-1), grad.reshape(-1, V)
+        sum_P_V.index_add_(0, flat_rows, flat_grad)
+        # Within one sample the T rows are distinct, so squares of blocks are squares of coordinates.
+        sumsq_P_V.index_add_(0, flat_rows, flat_grad.square())
+        sq_norms_G_M = grad.square().sum((1, 2)).reshape(g1 - g0, M)
+        group_of = torch.arange(g1 - g0).repeat_interleave(M * problem.T)
+        gsum = torch.zeros((g1 - g0) * P, V, dtype=torch.float64)
+        gsum.index_add_(0, group_of * P + flat_rows, flat_grad)
+        gsum_sq = gsum.reshape(g1 - g0, P * V).square().sum(-1)
+        group_var[g0:g1] = (sq_norms_G_M.sum(-1) - gsum_sq / M) / (M - 1)
+    mean = sum_P_V / N
+    coord_var = ((sumsq_P_V - N * mean.square()) / (N - 1)).clamp(min=0.0)
+    variance = float(group_var.mean())
+    return EstimatorStats(
+        mean_P_V=mean,
+        stderr_P_V=(coord_var / N).sqrt(),
+        group_variances=group_var,
+        variance=variance,
+        variance_ci=_bootstrap_ci(group_var, bootstrap_seed),
+        n_samples=N,
+    )
+
+
+def _bootstrap_ci(values: torch.Tensor, seed: int) -> tuple[float, float]:
+    """Percentile bootstrap interval (``CI_LEVEL``) of the mean of iid ``values``."""
+    g = torch.Generator().manual_seed(int(seed))
+    n = values.shape[0]
+    idx = torch.randint(n, (BOOTSTRAP_RESAMPLES, n), generator=g)
+    means = values[idx].mean(-1)
+    alpha = (1.0 - CI_LEVEL) / 2
+    lo, hi = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=means.dtype))
+    return float(lo), float(hi)
+
+
+def exact_moments(
+    problem: ToyProblem, spec: EstimatorSpec, *, enumeration: Enumeration | None = None
+) -> tuple[torch.Tensor, float]:
+    """``(E g [P, V], E‖g − E g‖²)`` of the one-trajectory estimator, exactly, by enumeration.
+
+    ``enumeration`` (``Enumeration.of(problem)``) may be passed to save recomputing it.
+    """
+    en = Enumeration.of(problem) if enumeration is None else enumeration
+    P, V = problem.student_logits_P_V.shape
+    mean = torch.zeros(P, V, dtype=torch.float64)
+    second = torch.zeros((), dtype=torch.float64)
+    for s0 in range(0, en.seqs_S_T.shape[0], _CHUNK):
+        part = slice(s0, s0 + _CHUNK)
+        rows, grad = per_sample_gradients(problem, en.seqs_S_T[part], spec, rows_N_T=en.rows_S_T[part])
+        w = en.prob_S[part]
+        mean.index_add_(0, rows.reshape(-1), (w[:, None, None] * grad).reshape(-1, V))
+        second += (w * grad.square().sum((1, 2))).sum()
+    return mean, float(second - mean.square().sum())
