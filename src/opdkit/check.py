@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from opdkit.errors import OpdkitError
+from opdkit.modeling import vocab_rows
 from opdkit.special_tokens import SAMPLE_CONVERSATION, render_template, special_id_set
 
 __all__ = [
@@ -165,22 +166,6 @@ def _fmt_tok(x) -> str:
 def _examples(items: Sequence[str]) -> str:
     shown = ", ".join(items[:_MAX_EXAMPLES])
     return shown + (f", ... ({len(items)} in all)" if len(items) > _MAX_EXAMPLES else "")
-
-
-def vocab_rows(model_or_config) -> int | None:
-    """Embedding rows of a model (its output layer), or ``vocab_size`` of a config."""
-    get_out = getattr(model_or_config, "get_output_embeddings", None)
-    if get_out is not None:
-        out = get_out()
-        w = getattr(out, "weight", None)
-        if w is not None:
-            return int(w.shape[0])
-        model_or_config = model_or_config.config
-    cfg = model_or_config
-    if getattr(cfg, "vocab_size", None) is None and hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
-    vs = getattr(cfg, "vocab_size", None)
-    return int(vs) if vs is not None else None
 
 
 def _tok_info(tok, name: str):

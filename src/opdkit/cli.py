@@ -47,7 +47,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from opdkit.config import load_config
     from opdkit.train import Trainer
-    from opdkit.train.run_dir import CONFIG_FILE, new_run_dir
+    from opdkit.train.run_dir import CONFIG_FILE
 
     if args.resume:
         if args.items:
@@ -56,11 +56,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         path, overrides = _split_config_args(args.items)
         cfg = load_config(path, overrides)
-        run_dir = cfg.run.out_dir or new_run_dir()
-        trainer = Trainer(cfg, run_dir, overwrite=cfg.run.overwrite)
+        trainer = Trainer(cfg, cfg.run.out_dir, overwrite=cfg.run.overwrite)
     result = trainer.run()
-    print(f"run directory: {result.run_dir}")
-    print(f"final model:   {result.final_dir}")
+    if trainer.c.dist.is_main:
+        print(f"run directory: {result.run_dir}")
+        print(f"final model:   {result.final_dir}")
     return 0
 
 

@@ -1,7 +1,9 @@
 """The small typed records that the stages of opdkit exchange (prompts -> rollout -> teacher -> loss).
 
 Names carry shapes: ``B`` sequences, ``L`` full length (prompt + response, left-padded prompts), ``P``
-padded prompt length, ``T`` response positions (``L = P + T``), ``K`` support slots. Stages meet only
+padded prompt length, ``T`` response positions (``L = P + T``), ``K`` support slots. One training step
+passes them in a fixed order: ``RolloutBatch`` (sampler) -> ``StudentPass`` (student, no grad) ->
+``TeacherSignal`` (teacher) -> objective. Stages meet only
 at these records; they are never mutated after construction (create a new one with
 ``dataclasses.replace``). Only torch is imported here.
 """
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-__all__ = ["RolloutBatch", "TeacherSignal", "FINISH_STOP", "FINISH_LENGTH"]
+__all__ = ["RolloutBatch", "StudentPass", "TeacherSignal", "FINISH_STOP", "FINISH_LENGTH"]
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -67,6 +69,33 @@ class RolloutBatch:
         return int(self.sampled_ids_B_T.shape[1])
 
     def to(self, device: torch.device | str) -> RolloutBatch:
+        return _to(self, device)
+
+
+@dataclass(frozen=True)
+class StudentPass:
+    """What one no-grad, teacher-forced pass of the student gives about its own rollout (π_old).
+
+    Computed through the prepared module, in the precision of the training forward pass, so that the
+    ratio π_θ / π_old is exactly 1 at the first update on a batch. Values are 0 at positions outside the
+    response mask.
+
+    Attributes:
+        old_logprobs_B_T: log π_old(y_t) of each sampled token (temperature applied).
+        entropy_B_T: entropy (nats) of π_old at each position.
+        logsumexp_B_T: log-normaliser of the tempered student logits at each position, so that a later
+            forward pass that forms only K support logits can turn them into full-vocabulary log-probs.
+        topk_ids_B_T_K, topk_logprobs_B_T_K: the student's own top-K ids and log-probs (only when the
+            objective's support source is ``student_topk``; else ``None``).
+    """
+
+    old_logprobs_B_T: torch.Tensor
+    entropy_B_T: torch.Tensor
+    logsumexp_B_T: torch.Tensor
+    topk_ids_B_T_K: torch.Tensor | None = None
+    topk_logprobs_B_T_K: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> StudentPass:
         return _to(self, device)
 
 

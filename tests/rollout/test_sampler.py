@@ -401,40 +401,23 @@ def test_remote_code_not_run_unless_asked(tiny_model_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_same_draws_and_logprobs_as_plain_generate(samplers, arch):
-    """Cross-check against ``generate(output_scores=True, output_logits=True)`` with the same settings and seed.
+def test_a_row_samples_the_same_response_in_any_batch(samplers, arch):
+    """Per-row seeds: a response depends on its own seed only, not on the other rows, their order or the
+    padding (what makes a 2-process run sample what a 1-process run samples)."""
+    sampler = _with(samplers[arch], max_new_tokens=9, temperature=0.8, top_k=60, top_p=0.85)
+    seeds = [11, 12, 21, 22, 31, 32]
+    full = sampler.sample(CHAT_PROMPTS, n_samples=2, seeds=seeds)
+    # the last prompt alone (no left padding), then the rows in reverse order
+    alone = sampler.sample(CHAT_PROMPTS[2:], n_samples=2, seeds=seeds[4:])
+    rev = sampler.sample(CHAT_PROMPTS[::-1], n_samples=2, seeds=[31, 32, 21, 22, 11, 12])
 
-    ``logits`` are the raw (untruncated) logits and ``scores`` the processed ones (pad suppressed, tempered,
-    top-k, top-p); the sampler must draw the very same tokens and record the same log-probs.
-    """
-    base = samplers[arch]
-    sampler = _with(base, max_new_tokens=9, temperature=0.8, top_k=60, top_p=0.85)
-    batch = sampler.sample(CHAT_PROMPTS, n_samples=2, seed=21)
-    P = batch.prompt_len
-    prompt_ids, prompt_mask = batch.input_ids_B_L[:, :P], batch.attention_mask_B_L[:, :P]
-    torch.manual_seed(21)
-    out = sampler.model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        do_sample=True,
-        temperature=0.8,
-        top_k=60,
-        top_p=0.85,
-        max_new_tokens=9,
-        suppress_tokens=[sampler.pad_id],
-        eos_token_id=list(sampler.stop_ids),
-        pad_token_id=sampler.pad_id,
-        return_dict_in_generate=True,
-        output_scores=True,
-        output_logits=True,
-    )
-    resp = out.sequences[:, P:]
-    T = batch.response_len
-    m = batch.response_mask_B_T.bool()
-    assert torch.equal(torch.where(m, resp[:, :T], sampler.pad_id), batch.sampled_ids_B_T)
-    raw = torch.stack(out.logits, 1)[:, :T]
-    scores = torch.stack(out.scores, 1)[:, :T]
-    old = torch.log_softmax(raw / 0.8, -1).gather(-1, resp[:, :T, None])[..., 0]
-    samp = torch.log_softmax(scores, -1).gather(-1, resp[:, :T, None])[..., 0]
-    torch.testing.assert_close(batch.old_logprobs_B_T[m], old[m], atol=1e-6, rtol=0)
-    torch.testing.assert_close(batch.sampling_logprobs_B_T[m], samp[m], atol=1e-6, rtol=0)
+    def responses(batch):
+        return [batch.sampled_ids_B_T[b][batch.response_mask_B_T[b].bool()].tolist() for b in range(batch.batch_size)]
+
+    r_full, r_alone, r_rev = responses(full), responses(alone), responses(rev)
+    assert r_alone == r_full[4:]
+    assert r_rev == [r_full[4], r_full[5], r_full[2], r_full[3], r_full[0], r_full[1]]
+    assert r_full[0] != r_full[1]  # two samples of one prompt differ
+    m = full.response_mask_B_T.bool()
+    torch.testing.assert_close(alone.old_logprobs_B_T[alone.response_mask_B_T.bool()], full.old_logprobs_B_T[4:][m[4:]],
+                               atol=1e-5, rtol=0)

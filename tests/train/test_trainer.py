@@ -11,12 +11,12 @@ import torch
 from opdkit.config import load_config
 from opdkit.errors import OpdkitError
 from opdkit.train import Trainer, TrainingAborted
-from opdkit.train.metrics import read_metrics
+from opdkit.train.metrics import METRICS, read_metrics
 from opdkit.train.run_dir import RunDirError
 
 PROMPTS = [[{"role": "user", "content": f"What is {a} + {b}?"}] for a in range(4) for b in range(4)]
 
-TIMING_KEYS = {"time_rollout_s", "time_teacher_s", "time_update_s", "time_step_s", "tokens_per_s"}
+TIMING_KEYS = {k for k in METRICS if k.startswith("time_")} | {"tokens_per_s"}
 
 
 def _cfg(dirs, **over):
@@ -67,9 +67,13 @@ def test_two_steps_of_every_objective(tmp_path, tiny_model_dirs, over):
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["skipped"] == 0
-        for key in ("negative_reward_frac", "teacher_support_mass", "student_support_mass", "entropy",
-                    "sampled_outside_support_frac", "response_length", "truncation_rate", "tokens_per_s"):
-            assert key in r and r[key] is not None
+        keys = ["negative_reward_frac", "reward_skew", "k1", "entropy", "response_length", "truncation_rate",
+                "tokens_per_s", "time_student_s", "special_masked_frac", "lr"]
+        if over["objective.kind"] != "full_reverse_kl":  # its support is the whole vocabulary
+            keys += ["teacher_support_mass", "student_support_mass", "sampled_outside_support_frac"]
+        for key in keys:
+            assert key in r and r[key] is not None, key
+        assert set(r) <= set(METRICS), set(r) - set(METRICS)  # every logged name is declared once
     after = _params(result.final_dir)
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert (result.run_dir / "config.yaml").exists()

@@ -80,9 +80,24 @@ def _accuracy(model, tokenizer, problems, settings, seed: int) -> float:
     )
 
 
+def _evaluator(problems, settings, seed: int):
+    """The demo's accuracy protocol (``DemoSettings``' sampling, its grader) as the trainer's evaluator."""
+    from opdkit.data import PromptRecord
+    from opdkit.demo.task import chat_messages, is_correct
+    from opdkit.eval import EvalSettings, SamplingEvaluator
+
+    records = [PromptRecord(tuple(chat_messages(p)), p.answer) for p in problems]
+    return SamplingEvaluator(
+        records,
+        EvalSettings(n_samples=1, temperature=settings.eval_temperature, top_p=settings.eval_top_p,
+                     max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size, seed=seed),
+        grader=is_correct,
+    )
+
+
 def _train_prompts(n: int, seed: int):
+    from opdkit.data import PromptRecord
     from opdkit.demo.task import chat_messages, make_problems
-    from opdkit.train.data import PromptRecord
 
     return [PromptRecord(tuple(chat_messages(p)), p.answer) for p in make_problems(n, seed + 17, "train")]
 
@@ -94,12 +109,10 @@ def _run_opd(arm: DemoArm, cfg: Config, models, eval_problems, run_dir: Path, lo
     cfg = load_config(None, {**_flatten(cfg), **arm.overrides})
     n_prompts = cfg.optim.total_steps * cfg.optim.prompts_per_step
 
-    def eval_fn(model, tokenizer, step):
-        return {"eval_accuracy": _accuracy(model, tokenizer, eval_problems, settings, seed=cfg.run.seed)}
-
     t0 = time.perf_counter()
     trainer = Trainer(
-        cfg, run_dir, prompts=_train_prompts(n_prompts, cfg.run.seed), overwrite=True, progress=True, eval_fn=eval_fn
+        cfg, run_dir, prompts=_train_prompts(n_prompts, cfg.run.seed), overwrite=True, progress=True,
+        evaluator=_evaluator(eval_problems, settings, cfg.run.seed),
     )
     result = trainer.run()
     seconds = time.perf_counter() - t0

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from opdkit.errors import InputError
+from opdkit.eval.answers import extract_answer, grade
 
 __all__ = [
     "TaskSpec",
@@ -159,52 +159,9 @@ def chatml_text(problem: Problem, *, with_solution: bool = True) -> str:
     return text + f"{problem.solution}<|im_end|>\n" if with_solution else text
 
 
-_BOXED = "\\boxed{"
-
-
-def extract_answer(text: str) -> str | None:
-    """The content of the last complete ``\\boxed{...}`` after ``</think>`` (whole text if none), else None.
-
-    Braces nest: ``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``. An unclosed ``\\boxed{`` is ignored.
-    """
-    if not isinstance(text, str):
-        return None
-    if "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    found: str | None = None
-    start = text.find(_BOXED)
-    while start != -1:
-        i = start + len(_BOXED)
-        depth = 1
-        j = i
-        while j < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            j += 1
-        if depth == 0:
-            found = text[i : j - 1].strip()
-        start = text.find(_BOXED, start + 1)
-    return found
-
-
-_INT = re.compile(r"[+-]?\d+")
-
-
-def _normalise(s: str) -> str:
-    s = re.sub(r"\s+", "", s).rstrip(".")
-    if s.startswith("$") and s.endswith("$") and len(s) >= 2:
-        s = s[1:-1]
-    return s
-
-
 def is_correct(text: str, answer: str) -> bool:
-    """Whether the answer extracted from ``text`` equals ``answer`` (as integers when both are)."""
-    got = extract_answer(text)
-    if got is None:
-        return False
-    got, want = _normalise(got), _normalise(str(answer))
-    if _INT.fullmatch(got) and _INT.fullmatch(want):
-        return int(got) == int(want)
-    return got == want
+    """Whether the answer extracted from ``text`` equals ``answer`` (``opdkit.eval.grade``)."""
+    return grade(text, answer)
 
 
 def accuracy(texts: Sequence[str], answers: Sequence[str]) -> float:

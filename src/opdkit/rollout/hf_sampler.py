@@ -15,11 +15,13 @@ new token is then the last column of ``input_ids``), so the extra memory is ``O(
 does not fit), and there is no second forward pass. The raw logits are those ``generate`` itself computes
 (float32, KV cache, left-padding-aware positions), i.e. what the student actually sampled from.
 
-Seeds: every ``sample`` call runs ``generate`` inside ``torch.random.fork_rng`` after
-``torch.manual_seed(seed)``, so the caller's global RNG state is untouched and the same seed, prompts,
-settings, model and device give an identical :class:`RolloutBatch`. ``seed=None`` uses
-``settings.seed + k`` for the k-th call of this sampler (successive calls differ; a fresh sampler replays
-the same sequence).
+Seeds: every response has its own seed, and its random numbers are a function of (seed, step, token id)
+only (``opdkit.rollout.seeding``): the draw is the Gumbel-max trick applied by the last processor of the
+chain, and ``generate`` runs greedy on the perturbed scores. A response is therefore the same whether it is
+sampled alone or in any batch, on any process (up to floating-point differences of the batched forward
+pass). ``sample(..., seeds=[...])`` gives the seed of every row; ``seed=s`` derives row ``i``'s seed from
+``(s, i)``; ``seed=None`` uses ``settings.seed + k`` for the k-th call of this sampler. The global RNG is
+not touched.
 
 Stop strings use transformers' ``StopStringCriteria`` (a match must overlap the newest token, so it is caught
 on the step that completes it; the response mask ends at that token). Like ``generate`` itself, it looks at
@@ -38,7 +40,9 @@ from typing import Any
 import torch
 
 from opdkit.config import RolloutConfig
+from opdkit.data.chat import left_pad, render_chat
 from opdkit.errors import InputError
+from opdkit.rollout.seeding import gumbel_noise, trajectory_seed
 from opdkit.types import FINISH_LENGTH, FINISH_STOP, RolloutBatch
 
 __all__ = ["HFSampler", "validate_rollout_settings"]
@@ -75,8 +79,8 @@ def validate_rollout_settings(settings: RolloutConfig) -> RolloutConfig:
 
 
 def _check_seed(seed: Any, name: str) -> int:
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise InputError(f"{name}: expected an integer >= 0, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise InputError(f"{name}: expected an integer in [0, 2**63), got {seed!r}")
     return seed
 
 
@@ -126,7 +130,19 @@ def _processors():
             self.first_step = torch.where(new, torch.full_like(self.first_step, step), self.first_step)
             return hit
 
-    return _LogProbRecorder, _StopStringRecorder
+    class _GumbelSampler(LogitsProcessor):
+        """Adds each row's own Gumbel noise: greedy decoding of the result is a draw from softmax(scores)."""
+
+        def __init__(self, prompt_len: int, seeds_B: torch.Tensor):
+            self.prompt_len = prompt_len
+            self.seeds_B = seeds_B
+
+        def __call__(self, input_ids, scores):
+            step = input_ids.shape[1] - self.prompt_len
+            noise = gumbel_noise(self.seeds_B.to(scores.device), step, scores.shape[-1], dtype=scores.dtype)
+            return scores + noise
+
+    return _LogProbRecorder, _StopStringRecorder, _GumbelSampler
 
 
 class HFSampler:
@@ -143,8 +159,19 @@ class HFSampler:
     without a pad token pads with its EOS token.
     """
 
-    def __init__(self, model, tokenizer, settings: RolloutConfig | None = None, *, tokenizer_path: str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        settings: RolloutConfig | None = None,
+        *,
+        tokenizer_path: str | None = None,
+        generate_fn=None,
+    ):
         self.model = model
+        # Where ``generate`` is called: the model's own, or a route through a distributed wrapper's forward
+        # (FSDP must gather its shards inside the wrapper; see opdkit.train.build).
+        self.generate_fn = generate_fn if generate_fn is not None else model.generate
         self.tokenizer = tokenizer
         self.settings = validate_rollout_settings(settings if settings is not None else RolloutConfig())
         self.tokenizer_path = tokenizer_path or str(getattr(tokenizer, "name_or_path", "") or "<tokenizer>")
@@ -222,10 +249,7 @@ class HFSampler:
                 for j, msg in enumerate(prompt):
                     if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
                         raise InputError(f"prompts[{i}][{j}]: expected a dict with 'role' and 'content', got {msg!r}")
-                text = self.tokenizer.apply_chat_template(
-                    [dict(m) for m in prompt], add_generation_prompt=True, tokenize=False
-                )
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids = render_chat(self.tokenizer, prompt)
             else:
                 if not isinstance(prompt, str):
                     raise InputError(f"prompts[{i}]: expected a string with chat=False, got {type(prompt).__name__}")
@@ -236,7 +260,7 @@ class HFSampler:
         return out
 
     # ----------------------------------------------------------------------------------------- sampling
-    def _logits_processors(self, prompt_len: int):
+    def _logits_processors(self, prompt_len: int, seeds_B: torch.Tensor):
         from transformers import (
             LogitsProcessorList,
             SuppressTokensLogitsProcessor,
@@ -245,7 +269,7 @@ class HFSampler:
             TopPLogitsWarper,
         )
 
-        recorder_cls, _ = _processors()
+        recorder_cls, _, gumbel_cls = _processors()
         s = self.settings
         raw = recorder_cls(prompt_len, scale=1.0 / float(s.temperature))
         processed = recorder_cls(prompt_len)
@@ -259,21 +283,23 @@ class HFSampler:
         if s.top_p < 1.0:
             chain.append(TopPLogitsWarper(top_p=float(s.top_p)))
         chain.append(processed)
+        chain.append(gumbel_cls(prompt_len, seeds_B))
         return LogitsProcessorList(chain), raw, processed
 
     def _generation_config(self, max_new_tokens: int):
         from transformers import GenerationConfig
 
         # Every sampling knob explicit and neutral: the distribution is fully given by our processor chain.
+        # Greedy on Gumbel-perturbed scores (see the module docstring): the draw is made by our processor.
         return GenerationConfig(
-            do_sample=True,
+            do_sample=False,
             num_beams=1,
             num_return_sequences=1,
             max_new_tokens=max_new_tokens,
             min_new_tokens=0,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
+            temperature=None,
+            top_k=None,
+            top_p=None,
             min_p=None,
             typical_p=1.0,
             epsilon_cutoff=0.0,
@@ -308,7 +334,7 @@ class HFSampler:
             return StoppingCriteriaList(), None
         if self._stop_string_criteria is None:  # preprocesses the whole vocabulary: build once
             self._stop_string_criteria = StopStringCriteria(self.tokenizer, list(self.settings.stop))
-        _, stop_recorder_cls = _processors()
+        _, stop_recorder_cls, _ = _processors()
         rec = stop_recorder_cls(self._stop_string_criteria, prompt_len, batch_size, self.device)
         return StoppingCriteriaList([rec]), rec
 
@@ -319,8 +345,10 @@ class HFSampler:
         *,
         n_samples: int | None = None,
         seed: int | None = None,
+        seeds: Sequence[int] | None = None,
         chat: bool = True,
         task_ids: Sequence[str | None] | None = None,
+        prompt_index: Sequence[int] | None = None,
     ) -> RolloutBatch:
         """Sample ``n_samples`` responses per prompt (consecutive rows share ``prompt_index``).
 
@@ -328,50 +356,60 @@ class HFSampler:
             prompts: chat prompts (lists of ``{"role", "content"}`` dicts, rendered with the tokenizer's chat
                 template and a generation prompt), or raw strings with ``chat=False``.
             n_samples: responses per prompt (default ``settings.n_samples``).
-            seed: sampling seed (default ``settings.seed + number of earlier calls``).
+            seed: the call's seed; row ``i`` samples with ``trajectory_seed(seed, i)`` (default
+                ``settings.seed + number of earlier calls``).
+            seeds: instead of ``seed``, the seed of every row (``len(prompts) * n_samples`` of them): a row
+                samples the same response with the same seed whatever else is in the batch.
             task_ids: optional task name per prompt, copied to every sample of it.
+            prompt_index: optional index of each prompt in the caller's list (default ``0, 1, ...``),
+                copied to every sample of it.
         """
         s = self.settings
         n = s.n_samples if n_samples is None else n_samples
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise InputError(f"n_samples: expected an integer >= 1, got {n!r}")
-        if seed is None:
-            seed = s.seed + self._calls
-        _check_seed(seed, "seed")
-        self._calls += 1
         encoded = self.encode_prompts(prompts, chat=chat)
-        if task_ids is not None:
-            if isinstance(task_ids, str) or len(task_ids) != len(encoded):
-                raise InputError(f"task_ids: expected one entry per prompt ({len(encoded)}), got {task_ids!r}")
+        B = len(encoded) * n
+        if seeds is not None:
+            if seed is not None:
+                raise InputError("seed and seeds: give one or the other")
+            if isinstance(seeds, (str, bytes)) or len(seeds) != B:
+                raise InputError(
+                    f"seeds: expected one seed per row ({len(encoded)} prompts x {n} = {B}), got {seeds!r}"
+                )
+            row_seeds = [_check_seed(x, "seeds[]") for x in seeds]
+        else:
+            if seed is None:
+                seed = s.seed + self._calls
+            _check_seed(seed, "seed")
+            row_seeds = [trajectory_seed(seed, i) for i in range(B)]
+        self._calls += 1
+        for name, values in (("task_ids", task_ids), ("prompt_index", prompt_index)):
+            if values is not None and (isinstance(values, str) or len(values) != len(encoded)):
+                raise InputError(f"{name}: expected one entry per prompt ({len(encoded)}), got {values!r}")
 
         # n samples per prompt, left-padded to a common length P
         rows = [ids for ids in encoded for _ in range(n)]
-        prompt_index = tuple(i for i in range(len(encoded)) for _ in range(n))
-        B, P = len(rows), max(len(r) for r in rows)
+        index = tuple(prompt_index) if prompt_index is not None else tuple(range(len(encoded)))
+        row_prompt = tuple(index[i] for i in range(len(encoded)) for _ in range(n))
         device = self.device
-        prompt_ids = torch.full((B, P), self.pad_id, dtype=torch.long)
-        prompt_mask = torch.zeros((B, P), dtype=torch.long)
-        for b, ids in enumerate(rows):
-            prompt_ids[b, P - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            prompt_mask[b, P - len(ids) :] = 1
-        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        prompt_ids, prompt_mask = left_pad(rows, self.pad_id, device=device)
+        P = prompt_ids.shape[1]
+        seeds_B = torch.tensor(row_seeds, dtype=torch.long, device=device)
 
-        processors, raw_rec, proc_rec = self._logits_processors(P)
+        processors, raw_rec, proc_rec = self._logits_processors(P, seeds_B)
         criteria, stop_rec = self._stop_criteria(P, B)
         gen_config = self._generation_config(int(s.max_new_tokens))
         saved_config = self.model.generation_config
-        fork_devices = [device] if device.type == "cuda" else []
         try:
             self.model.generation_config = self._clean_model_generation_config()
-            with torch.random.fork_rng(devices=fork_devices):
-                torch.manual_seed(seed)
-                sequences = self.model.generate(
-                    input_ids=prompt_ids,
-                    attention_mask=prompt_mask,
-                    generation_config=gen_config,
-                    logits_processor=processors,
-                    stopping_criteria=criteria,
-                )
+            sequences = self.generate_fn(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                generation_config=gen_config,
+                logits_processor=processors,
+                stopping_criteria=criteria,
+            )
         finally:
             self.model.generation_config = saved_config
 
@@ -402,7 +440,7 @@ class HFSampler:
         old_lp = torch.where(mask.bool(), old_lp[:, :T_out].to(mask.device), zero)
         samp_lp = torch.where(mask.bool(), samp_lp[:, :T_out].to(mask.device), zero)
 
-        tasks = tuple(task_ids[i] for i in prompt_index) if task_ids is not None else ()
+        tasks = tuple(task_ids[i] for i in range(len(encoded)) for _ in range(n)) if task_ids is not None else ()
         return RolloutBatch(
             input_ids_B_L=torch.cat([prompt_ids, sampled], dim=1),
             attention_mask_B_L=torch.cat([prompt_mask, mask], dim=1),
@@ -412,9 +450,13 @@ class HFSampler:
             old_logprobs_B_T=old_lp,
             sampling_logprobs_B_T=samp_lp,
             finish_reason=tuple(FINISH_STOP if bool(x) else FINISH_LENGTH for x in stopped.tolist()),
-            prompt_index=prompt_index,
+            prompt_index=row_prompt,
             task_ids=tasks,
         )
+
+    def sync_weights(self, model) -> None:
+        """Nothing to do: this sampler generates with the trainer's own module, so it always sees the
+        current weights (an engine that holds its own copy, such as vLLM, reloads them here)."""
 
     def decode(self, batch: RolloutBatch) -> list[str]:
         """The response texts of ``batch`` (masked positions dropped, special tokens kept)."""

@@ -26,6 +26,13 @@ the teacher's *full* LM head (the padded rows have near-zero mass in trained che
 the teacher's own normaliser means ``logsumexp_B_T`` and the sampled-token log-probs are exactly the
 teacher's distribution).
 
+Output transforms. The logits are the model's own (``opdkit.modeling``: Gemma soft-capping, Cohere and
+Granite logit scales, ...), checked once at construction against ``model(...).logits``.
+
+Support ``full`` (the full-vocabulary reverse KL): every id of the shared vocabulary is the support
+(``K = student_vocab_size`` or the teacher's rows). ``support_ids_B_T_K`` is then a stride-0 view of
+``arange(K)`` (no memory) and ``teacher_logprobs_B_T_K`` holds all ``[B, T, K]`` log-probs.
+
 Masked positions (``response_mask_B_T == 0``) are not scored: their ``teacher_logprobs`` are ``-inf`` in
 every slot, their support ids 0, ``sampled_logprobs`` and ``logsumexp`` 0.
 
@@ -41,18 +48,15 @@ from typing import Any
 
 import torch
 
+from opdkit.data.chat import left_pad, render_chat
 from opdkit.errors import InputError
 from opdkit.losses.support import add_sampled_token, drop_support_ids
+from opdkit.modeling import ModelingError, hidden_states, output_head, position_ids_from_mask, verify_output_head
 from opdkit.types import RolloutBatch, TeacherSignal
 
 __all__ = ["LocalTeacher", "SUPPORT_SOURCES", "position_ids_from_mask"]
 
-SUPPORT_SOURCES = ("teacher_topk", "student_topk", "teacher_topk_plus_sampled")
-
-
-def position_ids_from_mask(attention_mask_B_L: torch.Tensor) -> torch.Tensor:
-    """Position ids that count only attended tokens: left padding does not shift positions."""
-    return (attention_mask_B_L.long().cumsum(-1) - 1).clamp(min=0)
+SUPPORT_SOURCES = ("teacher_topk", "student_topk", "teacher_topk_plus_sampled", "full")
 
 
 def _check_pos_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -83,9 +87,11 @@ class LocalTeacher:
             scoring step is O(chunk_size x V).
         temperature: logits are divided by it before the softmax (use the rollout temperature).
         support: ``"teacher_topk"``, ``"student_topk"`` or ``"teacher_topk_plus_sampled"`` (K+1 slots; the
-            last holds the sampled id when it is not already in the top-K, else it is a padded ``-inf`` slot).
+            last holds the sampled id when it is not already in the top-K, else it is a padded ``-inf`` slot), or
+            ``"full"`` (every id of the shared vocabulary; see the module docstring).
         student_vocab_size: restrict the top-K support to ids ``< student_vocab_size`` (log-probs stay
             normalised over the teacher's full LM head; see the module docstring).
+        verify: check once that opdkit reproduces ``model(...).logits`` (``opdkit.modeling.verify_output_head``).
         drop_ids: ids turned into padded slots (``-inf``) wherever they appear in a support set (all slots,
             including the sampled slot of ``teacher_topk_plus_sampled``); ``sampled_logprobs`` is unaffected.
     """
@@ -101,20 +107,18 @@ class LocalTeacher:
         support: str = "teacher_topk",
         student_vocab_size: int | None = None,
         drop_ids: Sequence[int] = (),
+        verify: bool = True,
     ) -> None:
-        if not callable(getattr(model, "get_output_embeddings", None)):
-            raise InputError(f"model: expected a Hugging Face causal LM, got {type(model).__name__}")
-        head = model.get_output_embeddings()
-        if head is None or not hasattr(head, "weight"):
-            raise InputError(f"model: {type(model).__name__} has no output embedding (LM head) with a weight")
-        body = getattr(model, "base_model", None)
-        if body is None or body is model:
-            raise InputError(f"model: {type(model).__name__} has no separate transformer body (base_model)")
+        try:
+            head = output_head(model)
+            if verify:
+                verify_output_head(model)
+        except ModelingError as exc:
+            raise InputError(f"model: {exc}") from None
         self.model = model
         self.tokenizer = tokenizer
-        self._body = body
         self._head = head
-        self.vocab_size = int(head.weight.shape[0])
+        self.vocab_size = head.rows
         self.top_k = _check_pos_int("top_k", top_k)
         self.chunk_size = _check_pos_int("chunk_size", chunk_size)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
@@ -132,16 +136,13 @@ class LocalTeacher:
                 )
         self.student_vocab_size = student_vocab_size
         topk_vocab = student_vocab_size or self.vocab_size
-        if support != "student_topk" and self.top_k > topk_vocab:
+        if support not in ("student_topk", "full") and self.top_k > topk_vocab:
             raise InputError(f"top_k: expected <= the vocabulary the support is drawn from ({topk_vocab}), got {top_k}")
         ids = list(drop_ids)
         for i in ids:
             if isinstance(i, bool) or not isinstance(i, int) or i < 0:
                 raise InputError(f"drop_ids: expected non-negative int token ids, got {i!r}")
         self.drop_ids = tuple(ids)
-        config = getattr(model, "config", None)
-        self._softcap = getattr(config, "final_logit_softcapping", None)
-        self._logit_scale = getattr(config, "logit_scale", None)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -191,6 +192,10 @@ class LocalTeacher:
     def device(self) -> torch.device:
         return self._head.weight.device
 
+    @property
+    def logits_dtype(self) -> torch.dtype:
+        return torch.float64 if self._head.weight.dtype == torch.float64 else torch.float32
+
     # ------------------------------------------------------------------------------------------
     def _check_batch(self, batch: RolloutBatch) -> None:
         if not isinstance(batch, RolloutBatch):
@@ -230,51 +235,29 @@ class LocalTeacher:
             raise InputError(
                 f"messages: expected one conversation (list of message dicts) per sequence, B = {B}, got {n}"
             )
-        prompts = []
-        for conv in messages:
-            text = self.tokenizer.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=True)
-            enc = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not enc:
-                raise InputError("messages: a conversation rendered to an empty prompt")
-            prompts.append(enc)
-        P2 = max(len(p) for p in prompts)
+        prompts = [render_chat(self.tokenizer, conv) for conv in messages]
+        if not all(prompts):
+            raise InputError("messages: a conversation rendered to an empty prompt")
         pad = self.tokenizer.pad_token_id
-        pad = 0 if pad is None else int(pad)
-        dev = batch.input_ids_B_L.device
-        prompt_ids = torch.full((B, P2), pad, dtype=batch.input_ids_B_L.dtype, device=dev)
-        prompt_att = torch.zeros((B, P2), dtype=batch.attention_mask_B_L.dtype, device=dev)
-        for b, p in enumerate(prompts):
-            prompt_ids[b, P2 - len(p):] = torch.tensor(p, dtype=prompt_ids.dtype)
-            prompt_att[b, P2 - len(p):] = 1
+        prompt_ids, prompt_att = left_pad(prompts, 0 if pad is None else int(pad), device=batch.input_ids_B_L.device)
+        P2 = prompt_ids.shape[1]
         P = batch.prompt_len
         from dataclasses import replace
 
         return replace(
             batch,
-            input_ids_B_L=torch.cat([prompt_ids, batch.input_ids_B_L[:, P:]], dim=1),
-            attention_mask_B_L=torch.cat([prompt_att, batch.attention_mask_B_L[:, P:]], dim=1),
+            input_ids_B_L=torch.cat([prompt_ids.to(batch.input_ids_B_L.dtype), batch.input_ids_B_L[:, P:]], dim=1),
+            attention_mask_B_L=torch.cat(
+                [prompt_att.to(batch.attention_mask_B_L.dtype), batch.attention_mask_B_L[:, P:]], dim=1
+            ),
             prompt_len=P2,
         )
 
-    def _hidden(self, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor) -> torch.Tensor:
-        out = self._body(
-            input_ids=input_ids_B_L,
-            attention_mask=attention_mask_B_L,
-            position_ids=position_ids_from_mask(attention_mask_B_L),
-            use_cache=False,
-        )
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
     def _logits(self, hidden_N_H: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Tempered logits ``[N, V]`` in ``dtype`` (a fresh tensor, modified in place)."""
-        logits = self._head(hidden_N_H)
-        logits = logits.to(dtype) if logits.dtype != dtype else logits
-        if self._logit_scale is not None:  # e.g. Cohere
-            logits.mul_(float(self._logit_scale))
-        if self._softcap is not None:  # e.g. Gemma 2
-            logits.div_(float(self._softcap)).tanh_().mul_(float(self._softcap))
+        """Tempered logits ``[N, V]`` in ``dtype`` (the model's own output transforms applied)."""
+        logits = self._head.logits(hidden_N_H).to(dtype)
         if self.temperature != 1.0:
-            logits.div_(self.temperature)
+            logits = logits / self.temperature
         return logits
 
     @torch.no_grad()
@@ -328,18 +311,23 @@ class LocalTeacher:
                     f"student_support_ids_B_T_K: ids at response positions must be in [0, {self.vocab_size})"
                 )
             K = sup_N_K.shape[1]
+        elif self.support == "full":
+            K = self.student_vocab_size or self.vocab_size
         else:
             K = self.top_k
         slots = K + 1 if self.support == "teacher_topk_plus_sampled" else K
 
         dtype = torch.float64 if self._head.weight.dtype == torch.float64 else torch.float32
-        ids_N_K = torch.zeros((B * T, slots), dtype=torch.long, device=dev)
+        if self.support == "full":  # every id: a stride-0 view, no [B, T, V] integer tensor
+            ids_N_K = torch.arange(slots, device=dev).expand(B * T, slots)
+        else:
+            ids_N_K = torch.zeros((B * T, slots), dtype=torch.long, device=dev)
         lp_N_K = torch.full((B * T, slots), float("-inf"), dtype=dtype, device=dev)
         sampled_lp_N = torch.zeros(B * T, dtype=dtype, device=dev)
         lse_N = torch.zeros(B * T, dtype=dtype, device=dev)
 
         if idx.numel():
-            hidden_B_L_H = self._hidden(input_ids, att)
+            hidden_B_L_H = hidden_states(self.model, input_ids, att)
             H = hidden_B_L_H.shape[-1]
             hidden_N_H = hidden_B_L_H[:, P - 1 : P + T - 1].reshape(B * T, H)
             vs = self.student_vocab_size
@@ -349,24 +337,31 @@ class LocalTeacher:
                 lse = torch.logsumexp(logp, dim=-1)
                 logp.sub_(lse.unsqueeze(-1))  # -> full-vocab log-probs, in place
                 y_lp = logp.gather(-1, sampled_N[rows].unsqueeze(-1)).squeeze(-1)
-                if self.support == "student_topk":
+                if self.support == "full":
+                    ids_c, vals_c = None, logp[:, :K]
+                elif self.support == "student_topk":
                     ids_c = sup_N_K[rows]
                     vals_c = logp.gather(-1, ids_c)
                 else:
                     vals_c, ids_c = torch.topk(logp if vs is None else logp[:, :vs], K, dim=-1)
                     if self.support == "teacher_topk_plus_sampled":
                         ids_c, vals_c = add_sampled_token(ids_c, vals_c, sampled_N[rows], y_lp)
-                del logp
-                ids_N_K[rows] = ids_c
+                if ids_c is not None:
+                    ids_N_K[rows] = ids_c
                 lp_N_K[rows] = vals_c
                 sampled_lp_N[rows] = y_lp
                 lse_N[rows] = lse
+                del logp
             del hidden_B_L_H, hidden_N_H
             if self.drop_ids:
                 lp_N_K = drop_support_ids(ids_N_K, lp_N_K, self.drop_ids)
 
         return TeacherSignal(
-            support_ids_B_T_K=ids_N_K.reshape(B, T, slots).to(out_device),
+            support_ids_B_T_K=(
+                torch.arange(slots, device=out_device).expand(B, T, slots)
+                if self.support == "full"
+                else ids_N_K.reshape(B, T, slots).to(out_device)
+            ),
             teacher_logprobs_B_T_K=lp_N_K.reshape(B, T, slots).to(out_device),
             sampled_logprobs_B_T=sampled_lp_N.reshape(B, T).to(out_device),
             logsumexp_B_T=lse_N.reshape(B, T).to(out_device),

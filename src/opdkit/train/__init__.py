@@ -1,4 +1,4 @@
-"""The on-policy distillation trainer (see ``opdkit.train.loop`` for the algorithm)."""
+"""The OPD trainer: build (config -> components), step (one rollout batch), loop (the run), checkpoints."""
 
 from opdkit.train.loop import Trainer, TrainingAborted, TrainResult, train
 

@@ -1,14 +1,16 @@
-"""Atomic checkpoints: a checkpoint directory either exists complete or does not exist at all.
+"""Atomic checkpoints of every process's state: a checkpoint directory exists complete or not at all.
 
-Layout of ``RUN_DIR/checkpoints/step-000040/``: ``model.safetensors`` (the trainable student weights),
-``state.pt`` (optimizer, scheduler and RNG states: tensors and plain Python values only, loaded with
-``weights_only=True``), ``trainer_state.json`` (step, data position, counters), and ``COMPLETE``.
+Layout of ``RUN_DIR/checkpoints/step-000040/``: what ``accelerate``'s ``save_state`` writes (the student
+module's weights as ``model.safetensors``, the optimizer and scheduler states, and one RNG-state file per
+process; under FSDP each process's shards), ``trainer_state.json`` (step, data position, counters), and
+``COMPLETE``. Everything is loaded back with ``torch.load(weights_only=True)`` or safetensors: no pickle of
+arbitrary objects.
 
-A checkpoint is written into a hidden temporary directory beside its final name, every file is
-flushed to disk, ``COMPLETE`` is written last, and only then is the directory renamed into place
-(``os.rename`` within one filesystem is atomic). A process killed at any moment leaves either the
-previous checkpoints untouched or a ``.tmp-*`` directory that is never read and is removed on the
-next start. Old checkpoints are deleted only after the new one is in place.
+A checkpoint is written into ``checkpoints/.tmp-step-000040`` (the same name on every process, on a file
+system they share), every file is flushed to disk, ``COMPLETE`` is written last by the main process, and
+only then is the directory renamed into place (``os.rename`` within one file system is atomic). A process
+killed at any moment leaves either the previous checkpoints untouched or a ``.tmp-*`` directory that is
+never read and is removed on the next start. Old checkpoints are deleted only after the new one is in place.
 """
 
 from __future__ import annotations
@@ -17,12 +19,9 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from opdkit.errors import OpdkitError
 
@@ -33,11 +32,10 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "list_checkpoints",
+    "remove_partial_checkpoints",
 ]
 
 _NAME = re.compile(r"^step-(\d{6,})$")
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "state.pt"
 TRAINER_FILE = "trainer_state.json"
 COMPLETE_FILE = "COMPLETE"
 
@@ -98,58 +96,57 @@ def remove_partial_checkpoints(run_dir: str | Path) -> list[Path]:
     return removed
 
 
-def save_checkpoint(
-    run_dir: str | Path,
-    step: int,
-    *,
-    model_state: dict[str, torch.Tensor],
-    state: dict[str, Any],
-    trainer_state: dict[str, Any],
-    keep_last: int,
-) -> Checkpoint:
-    """Write checkpoint ``step`` atomically, then keep only the ``keep_last`` newest complete ones."""
-    from safetensors.torch import save_file
+def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, dist, trainer_state: dict[str, Any],
+                    keep_last: int) -> Checkpoint:
+    """Write checkpoint ``step`` of every process atomically, then keep the ``keep_last`` newest.
 
+    Collective: every process calls it. ``accelerator.save_state`` writes the prepared model, optimizer
+    and scheduler and each process's RNG state.
+    """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-        save_file(tensors, str(tmp / MODEL_FILE))
-        torch.save(state, tmp / STATE_FILE)
-        (tmp / TRAINER_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2, sort_keys=True))
-        for name in (MODEL_FILE, STATE_FILE, TRAINER_FILE):
-            _fsync_file(tmp / name)
-        (tmp / COMPLETE_FILE).write_text("ok\n")
-        _fsync_file(tmp / COMPLETE_FILE)
-        _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (after a resume): replace it as a whole
-            old = root / f".tmp-old-{final.name}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
+    tmp = root / f".tmp-step-{step:06d}"
+    if dist.is_main:
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        dist.barrier()
+        if dist.is_main:
+            (tmp / TRAINER_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2, sort_keys=True))
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    _fsync_file(path)
+            (tmp / COMPLETE_FILE).write_text("ok\n")
+            _fsync_file(tmp / COMPLETE_FILE)
+            _fsync_dir(tmp)
+            if final.exists():  # a re-save of the same step (after a resume): replace it as a whole
+                old = root / f".tmp-old-{final.name}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+            _fsync_dir(root)
+            for stale in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(stale.path, ignore_errors=True)
+    except BaseException:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old.path, ignore_errors=True)
+    dist.barrier()
     return Checkpoint(final, step)
 
 
-def load_checkpoint(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """``(model_state, state, trainer_state)`` of a complete checkpoint; no pickle of arbitrary objects."""
-    from safetensors.torch import load_file
-
+def load_checkpoint(ckpt: Checkpoint, *, accelerator) -> dict[str, Any]:
+    """Restore every process's state from a complete checkpoint; returns its ``trainer_state``."""
     if not (ckpt.path / COMPLETE_FILE).exists():
         raise CheckpointError(f"checkpoint '{ckpt.path}' is incomplete (no {COMPLETE_FILE} marker)")
     try:
-        model_state = load_file(str(ckpt.path / MODEL_FILE))
-        state = torch.load(ckpt.path / STATE_FILE, map_location="cpu", weights_only=True)
-        trainer_state = json.loads((ckpt.path / TRAINER_FILE).read_text())
+        accelerator.load_state(str(ckpt.path))
+        return json.loads((ckpt.path / TRAINER_FILE).read_text())
     except Exception as exc:
         raise CheckpointError(f"checkpoint '{ckpt.path}' could not be read ({type(exc).__name__}: {exc})") from exc
-    return model_state, state, trainer_state

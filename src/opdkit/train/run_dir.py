@@ -14,7 +14,7 @@ from pathlib import Path
 from opdkit.config import Config, load_config, save_config
 from opdkit.errors import OpdkitError
 
-__all__ = ["RunDirError", "CONFIG_FILE", "new_run_dir", "prepare_run_dir"]
+__all__ = ["RunDirError", "CONFIG_FILE", "check_run_dir", "create_run_dir", "new_run_dir", "prepare_run_dir"]
 
 CONFIG_FILE = "config.yaml"
 
@@ -36,26 +36,40 @@ def _holds_a_run(path: Path) -> bool:
     return any((path / name).exists() for name in (CONFIG_FILE, "checkpoints", "metrics.jsonl"))
 
 
-def prepare_run_dir(cfg: Config, run_dir: str | Path, *, resume: bool, overwrite: bool) -> tuple[Path, Config]:
-    """Create, resume or overwrite ``run_dir``; returns the directory and the config to run with.
-
-    On resume the run's own ``config.yaml`` is authoritative (the given ``cfg`` is ignored), so that a
-    resumed run continues exactly the run that was interrupted.
-    """
+def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> Path:
+    """Refuse, before anything is built or written, a run directory that cannot be used as asked."""
     path = Path(run_dir)
     if resume and overwrite:
         raise RunDirError("resume and overwrite exclude each other: pick one")
     if resume:
         if not (path / CONFIG_FILE).exists():
             raise RunDirError(f"run directory '{path}': nothing to resume (no {CONFIG_FILE})")
-        return path, load_config(path / CONFIG_FILE)
+    elif path.exists() and _holds_a_run(path) and not overwrite:
+        raise RunDirError(
+            f"run directory '{path}' already holds a run; resume it (--resume {path}) or overwrite it "
+            "(run.overwrite=true)"
+        )
+    return path
+
+
+def create_run_dir(cfg: Config, run_dir: str | Path, *, overwrite: bool) -> Path:
+    """Make the directory of a new run (emptied first when it holds a run and ``overwrite``) and write its
+    ``config.yaml``. Called once everything the run needs has loaded, by one process."""
+    path = check_run_dir(run_dir, resume=False, overwrite=overwrite)
     if path.exists() and _holds_a_run(path):
-        if not overwrite:
-            raise RunDirError(
-                f"run directory '{path}' already holds a run; resume it (--resume {path}) or overwrite it "
-                "(run.overwrite=true)"
-            )
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, path / CONFIG_FILE)
-    return path, cfg
+    return path
+
+
+def prepare_run_dir(cfg: Config, run_dir: str | Path, *, resume: bool, overwrite: bool) -> tuple[Path, Config]:
+    """Create, resume or overwrite ``run_dir``; returns the directory and the config to run with.
+
+    On resume the run's own ``config.yaml`` is authoritative (the given ``cfg`` is ignored), so that a
+    resumed run continues exactly the run that was interrupted.
+    """
+    path = check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    if resume:
+        return path, load_config(path / CONFIG_FILE)
+    return create_run_dir(cfg, path, overwrite=overwrite), cfg

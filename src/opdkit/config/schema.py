@@ -1,0 +1,239 @@
+"""The configuration tree: every field a user can set, declared once with its default, documentation and
+allowed values. This is the page to read to know what a setting does; ``opdkit.config.loader`` turns YAML
+files and ``a.b=value`` overrides into these frozen dataclasses and validates them from this metadata.
+
+Only the standard library is imported here.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "RolloutConfig",
+    "RunConfig",
+    "TeacherConfig",
+]
+
+
+def _f(default: Any, doc: str, *, choices=None, ge=None, gt=None, le=None, lt=None, length=None) -> Any:
+    """Declare a field: its default, its one documentation string, and what values are allowed.
+
+    Bounds (``ge``: >=, ``gt``: >, ``le``: <=, ``lt``: <) apply to each item of a list field and are
+    skipped for ``None``; ``length`` fixes a list's length.
+    """
+    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "length": length}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_DTYPES = ("float32", "bfloat16", "auto")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The student, the model being trained."""
+
+    path: str | None = _f(None, "student model directory (a Hugging Face causal LM)")
+    dtype: str = _f(
+        "float32",
+        "dtype the student is loaded in; auto = the checkpoint's own. Trainable weights are always kept in "
+        "float32 (master weights); frozen ones (a LoRA base) stay in this dtype",
+        choices=_DTYPES,
+    )
+    trust_remote_code: bool = _f(False, "run modelling code shipped in the model directory; only if you trust it")
+    logits_chunk_size: int = _f(
+        256,
+        "student positions per chunk wherever full-vocabulary logits are formed (student pass, dense losses, "
+        "full reverse KL): memory O(chunk x vocab), recomputed in the backward pass",
+        ge=1,
+    )
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    lora_r: int = _f(0, "LoRA rank; 0 = full fine-tuning", ge=0)
+    lora_alpha: float = _f(16.0, "LoRA scale numerator (updates are scaled by lora_alpha / lora_r)", gt=0)
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch input", ge=0, lt=1)
+    lora_target_modules: list[str] = _f([], "module names to adapt; empty = peft's default for the architecture")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The teacher that scores the student's samples: a local model (path) or a remote server (url)."""
+
+    path: str | None = _f(None, "teacher model directory (a Hugging Face causal LM); or set url")
+    dtype: str = _f("float32", "weights dtype; auto = the checkpoint's own", choices=_DTYPES)
+    trust_remote_code: bool = _f(False, "run modelling code shipped in the model directory; only if you trust it")
+    url: str | None = _f(None, "address of a remote teacher server, instead of path (not supported yet: refused)")
+    chunk_size: int = _f(256, "response positions scored per chunk; bounds memory to O(chunk_size x vocab)", ge=1)
+    own_chat_template: bool = _f(
+        False,
+        "score the student's responses after the prompt rendered with the teacher's own chat template, not the "
+        "student's (needs a shared vocabulary and a teacher tokenizer with a chat template)",
+    )
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling the student's responses."""
+
+    temperature: float = _f(1.0, "sampling temperature", gt=0)
+    top_p: float = _f(
+        0.9, "nucleus sampling: keep the smallest token set with this much probability; 1 = off", gt=0, le=1
+    )
+    top_k: int = _f(0, "sample only among the k most likely tokens; 0 = off", ge=0)
+    max_new_tokens: int = _f(512, "maximum response length in tokens", ge=1)
+    n_samples: int = _f(8, "responses sampled per prompt", ge=1)
+    stop: list[str] = _f([], "strings that end a response, besides the end-of-sequence token")
+    stop_ids: list[int] = _f([], "token ids that end a response, besides the end-of-sequence token", ge=0)
+    seed: int = _f(
+        0,
+        "sampling seed: each response's seed is a function of (rollout.seed, step, prompt position, sample "
+        "index), so a run samples the same responses on any number of processes",
+        ge=0,
+    )
+    engine: str = _f(
+        "hf", "generation engine: Hugging Face generate; vllm is not supported yet (refused)", choices=("hf", "vllm")
+    )
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The distillation loss (METHOD.md)."""
+
+    kind: str = _f(
+        "support_kl",
+        "support_kl: divergence on a support set per position (the paper's method); "
+        "sampled_token: policy gradient on the per-token reward log q - log pi; "
+        "full_reverse_kl: exact reverse KL over the whole vocabulary",
+        choices=("support_kl", "sampled_token", "full_reverse_kl"),
+    )
+    support: str = _f(
+        "teacher_topk",
+        "which tokens form the support set of a position",
+        choices=("teacher_topk", "student_topk", "teacher_topk_plus_sampled"),
+    )
+    top_k: int = _f(32, "support set size K", ge=1)
+    renormalize: bool = _f(True, "renormalise both distributions inside the support (the paper's stable form)")
+    divergence: str = _f(
+        "reverse_kl", "divergence computed on the support", choices=("reverse_kl", "forward_kl", "jsd")
+    )
+    jsd_beta: float = _f(0.5, "generalized JSD weight when divergence=jsd: 0 = forward KL, 1 = reverse KL", ge=0, le=1)
+    tail_bucket: bool = _f(False, "add one slot holding the probability outside the support (needs renormalize=false)")
+    gamma: float = _f(0.0, "sampled_token: discount of future rewards; 0 = token-level, 1 = sequence-level", ge=0, le=1)
+    reward_clip: float | None = _f(None, "sampled_token: clip per-token rewards to [-c, c]; null = no clip", gt=0)
+    ppo_clip_eps: float = _f(0.2, "sampled_token: PPO clip range of the ratio pi / pi_old", gt=0)
+    aggregation: str = _f(
+        "token-mean",
+        "how per-token losses are reduced to one number",
+        choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+    )
+    special_tokens: list[str] | None = _f(
+        None,
+        "strings whose student token ids are masked out of the loss where sampled; "
+        "null = the student's EOS and chat-template tokens",
+    )
+    special_token_mode: str = _f(
+        "first", "mask the first occurrence of each special id per response, or all", choices=("first", "all")
+    )
+    drop_special_from_support: bool = _f(False, "also remove the special token ids from support sets")
+    loss_coef: float = _f(1.0, "multiplier on the loss", gt=0)
+    fused: bool = _f(True, "compute the support KL from hidden states without forming full-vocabulary logits")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW, its schedule, and how a rollout batch is cut into optimizer steps."""
+
+    lr: float = _f(2e-6, "learning rate", ge=0)
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas", ge=0, lt=1, length=2)
+    weight_decay: float = _f(0.01, "AdamW decoupled weight decay", ge=0)
+    grad_clip: float | None = _f(1.0, "clip the global gradient norm to this; null = no clip", gt=0)
+    schedule: str = _f("constant", "learning-rate schedule after warmup", choices=("constant", "cosine"))
+    warmup_steps: int = _f(
+        0, "training steps (rollout batches) of linear warm-up, at most total_steps; x mini_batches optimizer steps",
+        ge=0,
+    )
+    total_steps: int = _f(100, "training steps, one rollout batch each", ge=1)
+    prompts_per_step: int = _f(
+        16, "prompts per training step; the rollout batch is prompts_per_step x rollout.n_samples responses", ge=1
+    )
+    mini_batches: int = _f(2, "optimizer steps per rollout batch (it is split into this many mini-batches)", ge=1)
+    micro_batch_size: int = _f(8, "sequences per forward/backward pass; gradients accumulate over a mini-batch", ge=1)
+    max_skipped_steps: int = _f(5, "consecutive steps with a non-finite gradient norm skipped before aborting", ge=1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the prompts come from."""
+
+    train_path: str | None = _f(None, "JSONL file of training prompts")
+    eval_path: str | None = _f(
+        None, "JSONL file of evaluation problems (prompt and reference answer: the training format); null = none"
+    )
+    prompt_key: str = _f("prompt", "JSON field holding the prompt")
+    answer_key: str = _f("answer", "JSON field holding the reference answer")
+    max_prompt_tokens: int = _f(
+        1024, "prompts longer than this (in tokens, after the chat template) are skipped with a warning", ge=1
+    )
+    shuffle: bool = _f(True, "shuffle the training prompts")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Periodic evaluation on data.eval_path: sampled answers graded against the reference (avg@n)."""
+
+    every_steps: int = _f(
+        0, "evaluate every this many steps; 0 = only at the end (never without data.eval_path)", ge=0
+    )
+    n_samples: int = _f(1, "responses per problem; the score is their mean (avg@n)", ge=1)
+    temperature: float = _f(1.0, "sampling temperature", gt=0)
+    top_p: float = _f(0.9, "nucleus sampling threshold; 1 = off", gt=0, le=1)
+    max_new_tokens: int = _f(512, "maximum response length in tokens", ge=1)
+    max_problems: int = _f(0, "evaluate at most this many problems (the first ones of the file); 0 = all", ge=0)
+    batch_size: int = _f(64, "responses generated per call during evaluation", ge=1)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Bookkeeping: output directory, seeds, checkpoints, logging, device."""
+
+    out_dir: str | None = _f(None, "run directory; null = a new directory under runs/")
+    seed: int = _f(0, "seed of the data order and of the mini-batch split", ge=0)
+    save_every: int = _f(50, "checkpoint every this many steps; 0 = only at the end", ge=0)
+    keep_last: int = _f(2, "checkpoints kept on disk", ge=1)
+    log_every: int = _f(1, "log metrics every this many steps (the last step is always logged)", ge=1)
+    tensorboard: bool = _f(True, "also write TensorBoard event files")
+    overwrite: bool = _f(False, "allow writing into an existing, non-empty out_dir")
+    device: str = _f(
+        "auto",
+        "auto = cuda when available, else cpu; cuda on a machine without CUDA is an error. Under torchrun or "
+        "accelerate launch each process uses its own GPU",
+        choices=("auto", "cpu", "cuda"),
+    )
+    precision: str = _f(
+        "auto",
+        "compute precision of every student pass (rollout, pi_old, loss), by autocast; weights stay float32. "
+        "auto = bf16 on a CUDA GPU that supports it, else fp32 (bf16 on a CPU is several times slower)",
+        choices=("auto", "fp32", "bf16"),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, one section per stage of the pipeline."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+

@@ -1,0 +1,52 @@
+"""The one chat renderer and the one left-padding routine.
+
+Every prompt a model sees goes through :func:`render_chat` (the tokenizer's chat template with the
+assistant generation prompt, tokenized without adding special tokens a second time), so the sampler,
+the teacher's own-template scoring, the demo's fine-tuning and the pre-flight check all feed the same
+ids for the same conversation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from opdkit.errors import InputError
+
+__all__ = ["left_pad", "render_chat", "render_chat_text"]
+
+
+def render_chat_text(tokenizer, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
+    """The chat template rendered on ``messages`` as text (``InputError`` if the tokenizer has none)."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "<tokenizer>"
+        raise InputError(
+            f"tokenizer '{name}': has no chat template, so chat prompts cannot be rendered "
+            "(set a chat template, or pass raw string prompts)"
+        )
+    return tokenizer.apply_chat_template(
+        [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def render_chat(tokenizer, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of ``messages`` rendered with the chat template (special tokens come from the template)."""
+    text = render_chat_text(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids_B_P, mask_B_P)``: ``rows`` left-padded with ``pad_id`` to the longest (mask 1 on real tokens)."""
+    if not rows:
+        raise InputError("rows: expected at least one sequence to pad")
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(rows), P), dtype=torch.long)
+    for b, r in enumerate(rows):
+        if len(r):
+            ids[b, P - len(r) :] = torch.as_tensor(list(r), dtype=torch.long)
+            mask[b, P - len(r) :] = 1
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    return ids, mask

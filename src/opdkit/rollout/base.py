@@ -1,0 +1,47 @@
+"""The sampler seam: what the trainer asks of a rollout engine, and the factory that builds one.
+
+A sampler turns prompts and per-row seeds into a :class:`~opdkit.types.RolloutBatch` (each response's
+ids, masks, and the two log-probs of every sampled token), and is told when the trainer's weights
+changed. ``rollout.engine`` picks the implementation; today that is Hugging Face ``generate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from opdkit.config import RolloutConfig
+from opdkit.errors import OpdkitError
+from opdkit.types import RolloutBatch
+
+__all__ = ["Sampler", "build_sampler"]
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """A rollout engine. ``sample`` is deterministic given the rows' seeds (see ``opdkit.rollout.seeding``)."""
+
+    tokenizer: object
+
+    def sample(
+        self,
+        prompts: Sequence,
+        *,
+        n_samples: int | None = None,
+        seeds: Sequence[int] | None = None,
+        task_ids: Sequence[str | None] | None = None,
+        prompt_index: Sequence[int] | None = None,
+    ) -> RolloutBatch: ...
+
+    def sync_weights(self, model) -> None: ...
+
+
+def build_sampler(settings: RolloutConfig, model, tokenizer, *, generate_fn=None) -> Sampler:
+    """The sampler of ``rollout.engine`` for ``model`` (the unwrapped student) and its tokenizer."""
+    if settings.engine == "hf":
+        from opdkit.rollout.hf_sampler import HFSampler
+
+        return HFSampler(model, tokenizer, settings, generate_fn=generate_fn)
+    raise OpdkitError(
+        f"rollout.engine: {settings.engine!r} is not supported yet (vLLM rollouts are planned); use 'hf'"
+    )

@@ -1,0 +1,65 @@
+"""The teacher seam: what the trainer asks of a teacher, and the factory that builds one from the config.
+
+A teacher scores a student's rollout and returns a :class:`~opdkit.types.TeacherSignal` (K ids and K
+full-vocabulary log-probs per response token, the sampled token's log-prob, the log-normaliser). It also
+exposes its tokenizer and its number of output rows, so the pre-flight check can run against a teacher
+whose weights are elsewhere. ``teacher.path`` builds a :class:`~opdkit.teacher.local.LocalTeacher`;
+``teacher.url`` (a remote teacher) is not supported yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from opdkit.config import Config
+from opdkit.errors import OpdkitError
+from opdkit.types import RolloutBatch, TeacherSignal
+
+__all__ = ["Teacher", "build_teacher"]
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    tokenizer: object  # the teacher's tokenizer (None if it has none)
+    vocab_size: int  # output rows of the teacher
+
+    def score(
+        self,
+        batch: RolloutBatch,
+        *,
+        student_support_ids_B_T_K=None,
+        messages: Sequence[Sequence[dict]] | None = None,
+    ) -> TeacherSignal: ...
+
+
+def build_teacher(cfg: Config, request, *, student_vocab_size: int, drop_ids: Sequence[int] = (), device=None,
+                  model=None, tokenizer=None) -> Teacher:
+    """The teacher of ``cfg.teacher`` answering ``request`` (an ``opdkit.objectives.TeacherRequest``).
+
+    ``model`` / ``tokenizer``: an already loaded teacher (else loaded from ``teacher.path``).
+    """
+    from opdkit.hf import load_causal_lm, load_tokenizer
+    from opdkit.teacher.local import LocalTeacher
+
+    t = cfg.teacher
+    if t.url is not None:
+        raise OpdkitError("teacher.url: a remote teacher is not supported yet; set teacher.path to a local model")
+    if t.path is None:
+        raise OpdkitError("teacher.path must be set to train")
+    if tokenizer is None:
+        tokenizer = load_tokenizer(t.path, trust_remote_code=t.trust_remote_code)
+    if model is None:
+        model = load_causal_lm(t.path, dtype=t.dtype, trust_remote_code=t.trust_remote_code, device=device)
+    model = model.eval().requires_grad_(False)
+    rows = min(student_vocab_size, int(model.get_output_embeddings().weight.shape[0]))
+    return LocalTeacher(
+        model,
+        tokenizer,
+        top_k=max(1, min(request.k, rows)) if request.support != "full" else 1,
+        chunk_size=t.chunk_size,
+        temperature=cfg.rollout.temperature,
+        support=request.support,
+        student_vocab_size=rows,
+        drop_ids=drop_ids,
+    )

@@ -1,0 +1,256 @@
+"""Config -> the components of a run: process group, precision, student, teacher, objective, sampler,
+evaluator, optimizer, schedule and run directory. Each seam is built by its one factory.
+
+Order matters for a user: every setting that is refused, every file that is missing and every model that
+cannot be loaded fails here, *before* the run directory is created or emptied; only then does the main
+process write ``config.yaml`` (see ``opdkit.train.run_dir``).
+
+The student is wrapped in :class:`StudentModule` and handed to ``accelerator.prepare``: every student pass
+(sampling, the π_old pass, the loss) runs inside that module's forward, so that DDP prepares its gradient
+averaging and FSDP gathers its parameters. Buffers are not broadcast on each forward
+(``broadcast_buffers=False``): the student's buffers (rotary frequencies) never change, and processes run
+different numbers of forward passes (their micro-batches and responses differ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opdkit.config import Config
+from opdkit.errors import OpdkitError
+from opdkit.train.dist import Dist
+from opdkit.train.precision import Precision, resolve_precision, upcast_trainable
+
+__all__ = ["Components", "StudentModule", "build_components"]
+
+
+class StudentModule(torch.nn.Module):
+    """The student as ``accelerate`` sees it: ``module(fn, *args, **kw)`` runs ``fn(self.lm, *args, **kw)``
+    inside this module's forward, where a DDP or FSDP wrapper does its work."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        from opdkit.modeling import causal_lm
+
+        # FSDP's auto-wrap policy reads the transformer layer classes from here.
+        self._no_split_modules = getattr(causal_lm(lm), "_no_split_modules", None)
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.lm, *args, **kwargs)
+
+
+def _generate(lm, **kwargs):
+    return lm.generate(**kwargs)
+
+
+@dataclass
+class Components:
+    """Everything one run needs (built by :func:`build_components`)."""
+
+    cfg: Config
+    run_dir: Path
+    accelerator: Any
+    dist: Dist
+    precision: Precision
+    tokenizer: Any
+    module: Any  # the prepared StudentModule (DDP/FSDP wrapped under several processes)
+    lm: Any  # the student causal LM inside it (a peft model with LoRA)
+    optimizer: Any
+    scheduler: Any
+    sampler: Any
+    teacher: Any
+    objective: Any
+    evaluator: Any
+    special_ids: list[int]
+    prompts: list
+    head_description: str
+
+
+def _device_settings(cfg: Config) -> bool:
+    """Whether to run on CUDA; a request that cannot be honoured is an error."""
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise OpdkitError("run.device: 'cuda' was asked for, but this machine has no usable CUDA GPU "
+                          "(torch.cuda.is_available() is False); use run.device=cpu or auto")
+    return cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+
+
+def refuse_unsupported(cfg: Config) -> None:
+    """Settings that are declared but not supported yet: refused before anything is loaded."""
+    if cfg.rollout.engine != "hf":
+        raise OpdkitError(f"rollout.engine: {cfg.rollout.engine!r} is not supported yet; use 'hf'")
+    if cfg.teacher.url is not None:
+        raise OpdkitError("teacher.url: a remote teacher is not supported yet; set teacher.path to a local model")
+    if cfg.model.path is None or cfg.teacher.path is None:
+        raise OpdkitError("model.path and teacher.path must be set to train")
+
+
+def _check_batch_shape(cfg: Config, world: int) -> None:
+    B = cfg.optim.prompts_per_step * cfg.rollout.n_samples
+    per_mini = B // cfg.optim.mini_batches
+    if per_mini < world:
+        raise OpdkitError(
+            f"optim.prompts_per_step x rollout.n_samples = {B} responses per step, cut into optim.mini_batches = "
+            f"{cfg.optim.mini_batches}, leaves {per_mini} per optimizer step: fewer than the {world} processes "
+            "(each process needs at least one response of every mini-batch)"
+        )
+
+
+def _wrap_lora(model, cfg: Config):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise OpdkitError("model.lora_r > 0 needs peft: pip install 'opdkit[lora]' (or pip install peft)") from exc
+    m = cfg.model
+    lora = LoraConfig(
+        r=m.lora_r,
+        lora_alpha=m.lora_alpha,
+        lora_dropout=m.lora_dropout,
+        target_modules=list(m.lora_target_modules) or None,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise OpdkitError(f"model.lora_target_modules: {exc}") from None
+
+
+def _load_prompts(cfg: Config, prompts):
+    from opdkit.data import PromptRecord, load_prompts
+
+    if prompts is None:
+        if cfg.data.train_path is None:
+            raise OpdkitError("data.train_path must be set (or prompts passed in) to train")
+        prompts = load_prompts(cfg.data.train_path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
+    records = [p if isinstance(p, PromptRecord) else PromptRecord(tuple(p)) for p in prompts]
+    if not records:
+        raise OpdkitError("no training prompts")
+    return records
+
+
+def _build_evaluator(cfg: Config, dist: Dist, generate_fn, eval_problems):
+    from opdkit.data import load_prompts
+    from opdkit.eval import EvalSettings, SamplingEvaluator
+
+    if eval_problems is None:
+        if cfg.data.eval_path is None:
+            return None
+        eval_problems = load_prompts(cfg.data.eval_path, prompt_key=cfg.data.prompt_key,
+                                     answer_key=cfg.data.answer_key)
+    if cfg.eval.max_problems:
+        eval_problems = list(eval_problems)[: cfg.eval.max_problems]
+    e = cfg.eval
+    settings = EvalSettings(n_samples=e.n_samples, temperature=e.temperature, top_p=e.top_p,
+                            max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=cfg.run.seed)
+    return SamplingEvaluator(eval_problems, settings, rank=dist.rank, world=dist.world, reduce_sum=dist.sum,
+                             generate_fn=generate_fn)
+
+
+def build_components(
+    cfg: Config,
+    run_dir: str | Path | None,
+    *,
+    prompts=None,
+    eval_problems=None,
+    evaluator=None,
+    resume: bool = False,
+    overwrite: bool = False,
+    log=print,
+) -> Components:
+    """Build a run from ``cfg`` (see the module docstring for the order). ``run_dir=None``: a new directory
+    under ``runs/``. ``evaluator`` replaces the one ``data.eval_path`` would build."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from opdkit.check import check_pair, require_compatible
+    from opdkit.data.prompts import filter_long_prompts
+    from opdkit.hf import load_causal_lm, load_tokenizer
+    from opdkit.modeling import output_head, verify_output_head, vocab_rows
+    from opdkit.objectives import build_objective
+    from opdkit.rollout import build_sampler
+    from opdkit.special_tokens import resolve_special_ids
+    from opdkit.teacher import build_teacher
+    from opdkit.train.run_dir import check_run_dir, create_run_dir, new_run_dir
+    from opdkit.train.schedule import make_scheduler
+
+    refuse_unsupported(cfg)
+    cuda = _device_settings(cfg)
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision="no",  # autocast is opdkit's own precision policy (opdkit.train.precision)
+        step_scheduler_with_optimizer=False,  # the schedule steps once per optimizer step, on every process
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+    dist = Dist(accelerator)
+    _check_batch_shape(cfg, dist.world)
+    path = Path(dist.broadcast(str(run_dir if run_dir is not None else new_run_dir()) if dist.is_main else None))
+    if dist.is_main:
+        check_run_dir(path, resume=resume, overwrite=overwrite)
+    dist.barrier()
+    precision = resolve_precision(cfg.run.precision, accelerator.device, log=log if dist.is_main else None)
+    device = accelerator.device
+
+    records = _load_prompts(cfg, prompts)
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    lm = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                        device=device)
+    verify_output_head(lm)
+    if cfg.model.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.lora_r > 0:
+        lm = _wrap_lora(lm, cfg)
+    upcast_trainable(lm)
+
+    objective = build_objective(cfg.objective, temperature=cfg.rollout.temperature,
+                                chunk_size=cfg.model.logits_chunk_size)
+    special_ids = resolve_special_ids(tokenizer, cfg.objective.special_tokens)
+    teacher_tok = load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
+    teacher_model = load_causal_lm(cfg.teacher.path, dtype=cfg.teacher.dtype,
+                                   trust_remote_code=cfg.teacher.trust_remote_code, device=device)
+    student_rows = vocab_rows(lm)
+    report = check_pair(tokenizer, teacher_tok, student_rows=student_rows, teacher_rows=vocab_rows(teacher_model),
+                        student=cfg.model.path, teacher=cfg.teacher.path)
+    require_compatible(report)
+    if cfg.teacher.own_chat_template and not getattr(teacher_tok, "chat_template", None):
+        raise OpdkitError(f"teacher.own_chat_template: the teacher tokenizer '{cfg.teacher.path}' has no chat template")
+    teacher = build_teacher(cfg, objective.request, student_vocab_size=student_rows,
+                            drop_ids=special_ids if cfg.objective.drop_special_from_support else (),
+                            model=teacher_model, tokenizer=teacher_tok)
+    records = filter_long_prompts(records, tokenizer, cfg.data.max_prompt_tokens,
+                                  log=log if dist.is_main else None)
+
+    params = [p for p in lm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = make_scheduler(optimizer, schedule=cfg.optim.schedule,
+                               warmup_steps=cfg.optim.warmup_steps * cfg.optim.mini_batches,
+                               total_steps=cfg.optim.total_steps * cfg.optim.mini_batches)
+    module, optimizer, scheduler = accelerator.prepare(StudentModule(lm), optimizer, scheduler)
+    inner = accelerator.unwrap_model(module).lm
+
+    def generate_fn(**kwargs):
+        # Through the prepared module: FSDP gathers the weights inside its forward, and its processes must
+        # keep stepping together until the longest response ends.
+        if dist.is_fsdp and dist.world > 1:
+            kwargs["synced_gpus"] = True
+        with precision.autocast():
+            return module(_generate, **kwargs)
+
+    sampler = build_sampler(cfg.rollout, inner, tokenizer, generate_fn=generate_fn)
+    if evaluator is None:
+        evaluator = _build_evaluator(cfg, dist, generate_fn, eval_problems)
+    head_description = objective.describe(output_head(inner))
+
+    if not resume and dist.is_main:
+        create_run_dir(cfg, path, overwrite=overwrite)
+    dist.barrier()
+    return Components(
+        cfg=cfg, run_dir=path, accelerator=accelerator, dist=dist, precision=precision, tokenizer=tokenizer,
+        module=module, lm=inner, optimizer=optimizer, scheduler=scheduler, sampler=sampler, teacher=teacher,
+        objective=objective, evaluator=evaluator, special_ids=special_ids, prompts=records,
+        head_description=head_description,
+    )

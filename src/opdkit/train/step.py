@@ -1,0 +1,258 @@
+"""One training step, in its fixed order: rollout -> student pass -> teacher -> objective -> update.
+
+Shapes: ``B`` responses of this process, ``T`` response positions, ``K`` support slots.
+
+Which process does what. The step's ``G = optim.prompts_per_step x rollout.n_samples`` responses are
+numbered ``g = prompt x n_samples + sample``; a permutation seeded by ``(run.seed, step)`` cuts them into
+``optim.mini_batches`` mini-batches, and each mini-batch's responses are dealt to the processes in turn.
+Every response has its own sampling seed, a function of ``(rollout.seed, step, prompt's data position,
+sample index)``. So the step's responses, their mini-batches and every gradient are the same for any
+number of processes: only which process computes what changes.
+
+Normalisation: ``aggregate(per_token, loss_mask, objective.aggregation)`` with the count of the whole
+mini-batch summed over processes as the denominator, so the gradient does not depend on how a
+mini-batch is cut into micro-batches or processes. DDP averages gradients over processes, so each process
+divides by ``global_count / world``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from opdkit.losses import aggregate, masked_mean, opd_diagnostics, special_token_mask
+from opdkit.objectives import LossInputs
+from opdkit.rollout.seeding import trajectory_seed
+from opdkit.student import student_pass
+from opdkit.train.metrics import StepMetrics
+from opdkit.types import FINISH_LENGTH, RolloutBatch, StudentPass, TeacherSignal
+
+__all__ = ["StepPlan", "StepRecord", "plan_step", "run_step"]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """This process's share of a step.
+
+    Attributes:
+        rows: per local response, ``(global response index g, prompt position in the step, seed)``, ordered
+            by mini-batch.
+        minis: per mini-batch, the ``(start, stop)`` range of ``rows`` it covers on this process.
+    """
+
+    rows: tuple[tuple[int, int, int], ...]
+    minis: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What a step computed, for callbacks and tests: the local rollout, student pass, teacher signal and
+    loss mask (tensors on this process)."""
+
+    batch: RolloutBatch
+    student: StudentPass
+    signal: TeacherSignal
+    loss_mask_B_T: torch.Tensor
+
+
+def plan_step(step: int, positions: list[int], *, n_samples: int, mini_batches: int, run_seed: int,
+              rollout_seed: int, rank: int, world: int) -> StepPlan:
+    """Deal the step's responses to this process (see the module docstring).
+
+    ``positions``: the data position (a counter over the run's prompt draws) of each of the step's prompts.
+    """
+    G = len(positions) * n_samples
+    g = torch.Generator().manual_seed(run_seed * 7919 + step)
+    order = torch.randperm(G, generator=g)
+    rows, minis = [], []
+    for mini in order.tensor_split(min(mini_batches, G)):
+        start = len(rows)
+        for gi in mini.tolist()[rank::world]:
+            p, s = divmod(gi, n_samples)
+            rows.append((gi, p, trajectory_seed(rollout_seed, step, positions[p], s)))
+        minis.append((start, len(rows)))
+    return StepPlan(tuple(rows), tuple(minis))
+
+
+def _cat_pass(parts: list[StudentPass]) -> StudentPass:
+    def cat(name):
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return StudentPass(*(cat(f) for f in ("old_logprobs_B_T", "entropy_B_T", "logsumexp_B_T", "topk_ids_B_T_K",
+                                          "topk_logprobs_B_T_K")))
+
+
+def _pad_T(x: torch.Tensor, T: int, fill) -> torch.Tensor:
+    """Right-pad the T axis (dim 1) to ``T`` (micro-batches of a rollout share T already; kept for safety)."""
+    if x.shape[1] == T:
+        return x
+    pad = x.new_full((x.shape[0], T - x.shape[1], *x.shape[2:]), fill)
+    return torch.cat([x, pad], dim=1)
+
+
+def _loss_fn(objective, x: LossInputs, input_ids, attention_mask, prompt_len: int, ppo: bool):
+    """The objective's per-token loss; runs inside the prepared module's forward."""
+    from opdkit.modeling import output_head, response_hidden
+
+    def fn(lm):
+        hidden = response_hidden(lm, input_ids, attention_mask, prompt_len)
+        return objective.per_token(output_head(lm), hidden, x, ppo=ppo)
+
+    return fn
+
+
+def run_step(c, step: int, records: list, positions: list[int], *, keep_record: bool = False):
+    """Run one training step on this process; returns ``(StepMetrics, StepRecord | None)``."""
+    cfg, dist = c.cfg, c.dist
+    o, opt = cfg.objective, cfg.optim
+    metrics = StepMetrics()
+    plan = plan_step(step, positions, n_samples=cfg.rollout.n_samples, mini_batches=opt.mini_batches,
+                     run_seed=cfg.run.seed, rollout_seed=cfg.rollout.seed, rank=dist.rank, world=dist.world)
+    G = len(positions) * cfg.rollout.n_samples
+    mb = opt.micro_batch_size
+
+    # 1. rollout
+    t0 = time.perf_counter()
+    c.module.eval()
+    local_prompts = [records[p] for _, p, _ in plan.rows]
+    batch: RolloutBatch = c.sampler.sample(
+        [list(r.messages) for r in local_prompts], n_samples=1, seeds=[s for _, _, s in plan.rows],
+        prompt_index=[p for _, p, _ in plan.rows], task_ids=[r.task for r in local_prompts],
+    )
+    metrics.max("time_rollout_s", time.perf_counter() - t0)
+    loss_mask = special_token_mask(batch.sampled_ids_B_T, c.special_ids, batch.response_mask_B_T.bool(),
+                                   mode=o.special_token_mode)
+    B, T = batch.sampled_ids_B_T.shape
+
+    # 2. student pass (no grad, through the prepared module, under the precision policy)
+    t1 = time.perf_counter()
+    parts = []
+    with torch.no_grad(), c.precision.autocast():
+        for s in range(0, B, mb):
+            r = slice(s, s + mb)
+            parts.append(c.module(student_pass, batch.input_ids_B_L[r], batch.attention_mask_B_L[r],
+                                  batch.prompt_len, batch.sampled_ids_B_T[r], batch.response_mask_B_T[r],
+                                  temperature=cfg.rollout.temperature, topk=c.objective.student_topk,
+                                  chunk_size=cfg.model.logits_chunk_size))
+    sp = _cat_pass(parts)
+    metrics.max("time_student_s", time.perf_counter() - t1)
+
+    # 3. teacher
+    t2 = time.perf_counter()
+    messages = [list(r.messages) for r in local_prompts] if cfg.teacher.own_chat_template else None
+    signal: TeacherSignal = c.teacher.score(
+        batch, student_support_ids_B_T_K=sp.topk_ids_B_T_K if c.objective.student_topk else None, messages=messages
+    )
+    metrics.max("time_teacher_s", time.perf_counter() - t2)
+    local_bad = not bool(
+        torch.isfinite(signal.sampled_logprobs_B_T).all()
+        and not torch.isnan(signal.teacher_logprobs_B_T_K).any()
+        and (signal.teacher_logprobs_B_T_K < float("inf")).all()
+    )
+    finite = dist.sum([float(local_bad)])[0] == 0  # every process skips together
+
+    # 4-5. objective and update
+    t3 = time.perf_counter()
+    support_lp = None
+    if finite:
+        support_lp, upd = _update(c, step, plan, batch, sp, signal, loss_mask, metrics)
+    else:
+        metrics.mean("loss", float("nan"), 1.0)
+        metrics.set("grad_norm", float("nan"))
+        upd = {"skipped": 1, "skip_reason": "teacher_nan"}
+    for k, v in upd.items():
+        metrics.set(k, v)
+    metrics.max("time_update_s", time.perf_counter() - t3)
+
+    _diagnostics(c, metrics, batch, sp, signal, loss_mask, support_lp if finite else None, finite)
+    n_resp = float(batch.response_mask_B_T.sum())
+    metrics.mean("response_length", n_resp, B)
+    metrics.mean("truncation_rate", sum(r == FINISH_LENGTH for r in batch.finish_reason), B)
+    metrics.mean("special_masked_frac", n_resp - float(loss_mask.sum()), n_resp)
+    metrics.set("rollouts", G)
+    metrics.set("lr", float(c.scheduler.get_last_lr()[0]))
+    record = StepRecord(batch, sp, signal, loss_mask) if keep_record else None
+    return metrics, record
+
+
+def _diagnostics(c, metrics: StepMetrics, batch, sp: StudentPass, signal, loss_mask, support_lp, finite: bool):
+    """METHOD.md's diagnostics as local sums and counts (reduced over processes by the caller)."""
+    n_loss = float(loss_mask.sum())
+    resp = batch.response_mask_B_T.bool()
+    metrics.mean("entropy", float(masked_mean(sp.entropy_B_T, resp)) * float(resp.sum()), float(resp.sum()))
+    if not finite:
+        return
+    kw = dict(sampled_ids=batch.sampled_ids_B_T, old_logprobs=sp.old_logprobs_B_T,
+              teacher_sampled_logprobs=signal.sampled_logprobs_B_T)
+    if c.objective.support_diagnostics:
+        kw.update(support_ids=signal.support_ids_B_T_K, teacher_support_logprobs=signal.teacher_logprobs_B_T_K,
+                  student_support_logprobs=support_lp)
+    diag = opd_diagnostics(loss_mask, **kw)
+    for name, value in diag.items():
+        if name != "reward_skew":
+            metrics.mean(name, float(value) * n_loss, n_loss)
+    # the skewness is reduced from its moments, so it is exact over processes
+    r = (signal.sampled_logprobs_B_T.double() - sp.old_logprobs_B_T.double())[loss_mask & torch.isfinite(
+        signal.sampled_logprobs_B_T)]
+    metrics.moments("reward_skew", r.numel(), float(r.sum()), float((r**2).sum()), float((r**3).sum()))
+
+
+def _update(c, step: int, plan: StepPlan, batch, sp: StudentPass, signal, loss_mask, metrics: StepMetrics):
+    """One optimizer step per mini-batch; returns the student's support log-probs and the step's flags."""
+    cfg, dist, acc = c.cfg, c.dist, c.accelerator
+    o, opt = cfg.objective, cfg.optim
+    c.module.train()
+    params = [p for p in c.module.parameters() if p.requires_grad]
+    max_norm = opt.grad_clip if opt.grad_clip is not None else float("inf")
+    ppo = len(plan.minis) > 1
+    T = batch.response_len
+    support_parts: list[torch.Tensor | None] = []
+    norms, skipped = [], 0
+    for start, stop in plan.minis:
+        m = loss_mask[start:stop]
+        local = float(m.sum()) if o.aggregation == "token-mean" else float((m.sum(-1) > 0).sum())
+        denom = max(dist.sum([local])[0], 1.0) / dist.world
+        total = 0.0
+        micro = [(s, min(s + opt.micro_batch_size, stop)) for s in range(start, stop, opt.micro_batch_size)]
+        for i, (a, b) in enumerate(micro):
+            x = LossInputs(
+                loss_mask_B_T=loss_mask[a:b],
+                sampled_ids_B_T=batch.sampled_ids_B_T[a:b],
+                old_logprobs_B_T=sp.old_logprobs_B_T[a:b],
+                old_logsumexp_B_T=sp.logsumexp_B_T[a:b],
+                support_ids_B_T_K=signal.support_ids_B_T_K[a:b],
+                teacher_logprobs_B_T_K=signal.teacher_logprobs_B_T_K[a:b],
+                teacher_sampled_logprobs_B_T=signal.sampled_logprobs_B_T[a:b],
+            )
+            sync = i == len(micro) - 1
+            with acc.no_sync(c.module) if not sync else contextlib.nullcontext():
+                with c.precision.autocast():
+                    per_token, support_lp = c.module(
+                        _loss_fn(c.objective, x, batch.input_ids_B_L[a:b], batch.attention_mask_B_L[a:b],
+                                 batch.prompt_len, ppo)
+                    )
+                loss = aggregate(per_token.float(), x.loss_mask_B_T, o.aggregation, denominator=denom) * o.loss_coef
+                acc.backward(loss)
+            total += float(loss.detach())
+            support_parts.append(None if support_lp is None else _pad_T(support_lp.detach(), T, float("-inf")))
+        norm = float(acc.clip_grad_norm_(params, max_norm))
+        if math.isfinite(norm):
+            c.optimizer.step()
+            c.scheduler.step()
+        else:
+            skipped += 1
+        c.optimizer.zero_grad(set_to_none=True)
+        metrics.mean("loss", total, 1.0)
+        norms.append(norm)
+    flags: dict[str, Any] = {"skipped": 1 if skipped == len(plan.minis) else 0}
+    metrics.set("grad_norm", sum(norms) / max(len(norms), 1))
+    if skipped:
+        flags["skip_reason"] = "nonfinite_grad"
+    support = None if not support_parts or support_parts[0] is None else torch.cat(support_parts)
+    return support, flags
