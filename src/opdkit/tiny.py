@@ -76,7 +76,7 @@ def train_tokenizer(
 def build_tiny_model(
     tokenizer,
     *,
-    arch: Literal["qwen2", "llama"] = "qwen2",
+    arch: Literal["qwen2", "llama", "gemma2"] = "qwen2",
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
@@ -86,19 +86,37 @@ def build_tiny_model(
     vocab_size: int | None = None,
     tie_word_embeddings: bool = False,
     seed: int = 0,
+    final_logit_softcapping: float = 2.0,
 ):
     """A randomly initialised causal LM sized for a CPU; ``vocab_size`` defaults to the tokenizer's.
 
     A ``vocab_size`` larger than the tokenizer's models the padded embedding rows of real checkpoints
-    (Qwen2.5 has 151936 or 152064 rows for 151665 tokens).
+    (Qwen2.5 has 151936 or 152064 rows for 151665 tokens). ``gemma2`` soft-caps its logits at
+    ``final_logit_softcapping`` (real Gemma 2 uses 30; the small default makes the cap matter for tiny
+    random weights, as it does for a trained model's large logits).
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
-    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+    classes = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    }
     if arch not in classes:
         raise ValueError(f"arch: expected one of {', '.join(classes)}, got {arch!r}")
     config_cls, model_cls = classes[arch]
+    extra = {}
+    if arch == "gemma2":
+        extra = dict(head_dim=hidden_size // num_heads, final_logit_softcapping=final_logit_softcapping,
+                     query_pre_attn_scalar=hidden_size // num_heads, sliding_window=max_position_embeddings)
     config = config_cls(
         vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
@@ -111,6 +129,7 @@ def build_tiny_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
     torch.manual_seed(seed)
     model = model_cls(config)

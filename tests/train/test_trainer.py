@@ -188,6 +188,20 @@ def test_lora_trains_only_adapters_and_exports_a_merged_model(tmp_path, tiny_mod
     assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)
 
 
+def test_lora_on_the_lm_head_trains_the_adapter(tmp_path, tiny_model_dirs):
+    """With LoRA on lm_head the fused loss cannot read the head's weight: the dense path trains the adapter."""
+    cfg = _cfg(tiny_model_dirs, **{"model.lora_r": 4, "model.lora_target_modules": ["lm_head", "q_proj"]})
+    trainer = Trainer(cfg, tmp_path / "run", prompts=PROMPTS, progress=False)
+    assert "dense" in trainer.c.head_description and "LoRA" in trainer.c.head_description
+    head_b = {n: p.detach().clone() for n, p in trainer.student.named_parameters() if "lm_head.lora_B" in n}
+    assert head_b and all(float(p.abs().max()) == 0 for p in head_b.values())  # peft starts B at zero
+    result = trainer.run()
+    after = dict(trainer.student.named_parameters())
+    assert all(float(after[n].detach().abs().max()) > 0 for n in head_b)  # the adapter received gradient
+    before, merged = _params(tiny_model_dirs["qwen2"]), _params(result.final_dir)
+    assert not torch.equal(before["lm_head.weight"], merged["lm_head.weight"])
+
+
 def test_train_command_line(tmp_path, tiny_model_dirs):
     import subprocess
     import sys

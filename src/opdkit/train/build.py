@@ -14,6 +14,7 @@ different numbers of forward passes (their micro-batches and responses differ).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,11 @@ def build_components(
                         device=device)
     verify_output_head(lm)
     if cfg.model.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(lm, "activation_checkpointing_enable", None)  # transformers >= 5.x; older: the alias
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora_r > 0:
         lm = _wrap_lora(lm, cfg)
     upcast_trainable(lm)
@@ -229,7 +234,11 @@ def build_components(
     scheduler = make_scheduler(optimizer, schedule=cfg.optim.schedule,
                                warmup_steps=cfg.optim.warmup_steps * cfg.optim.mini_batches,
                                total_steps=cfg.optim.total_steps * cfg.optim.mini_batches)
-    module, optimizer, scheduler = accelerator.prepare(StudentModule(lm), optimizer, scheduler)
+    with warnings.catch_warnings():
+        # torch 2.13 renames broadcast_buffers=False to forward_sync_buffers=False, which accelerate cannot pass
+        # yet; the old name still does exactly what is needed here.
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
+        module, optimizer, scheduler = accelerator.prepare(StudentModule(lm), optimizer, scheduler)
     inner = accelerator.unwrap_model(module).lm
 
     def generate_fn(**kwargs):

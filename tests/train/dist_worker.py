@@ -1,0 +1,50 @@
+"""A training run for the multi-process tests: ``torchrun --nproc_per_node N tests/train/dist_worker.py SPEC``.
+
+SPEC is a JSON file: ``{"overrides": {...}, "prompts": [...], "out": DIR, "resume": bool}``. The run is a
+real ``Trainer``; the only addition is an observer on the optimizer's ``step`` that records the gradient
+of every trainable parameter before the first optimizer step (rank 0 writes them to ``OUT/grads.safetensors``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def observe_first_grads(trainer) -> dict:
+    """A dict that, once the trainer has run, holds every trainable parameter's gradient as it was just
+    before the first optimizer step (an observer wrapped around the optimizer's ``step``)."""
+    grads: dict = {}
+    opt = trainer.c.optimizer
+    step = opt.step
+
+    def observed_step(*args, **kwargs):
+        if not grads:
+            for name, p in trainer.student.named_parameters():
+                if p.grad is not None:
+                    grads[name] = p.grad.detach().clone()
+        return step(*args, **kwargs)
+
+    opt.step = observed_step
+    return grads
+
+
+def main(spec_path: str) -> None:
+    from safetensors.torch import save_file
+
+    from opdkit.config import load_config
+    from opdkit.train import Trainer
+
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = load_config(None, spec["overrides"])
+    trainer = Trainer(cfg, spec["run_dir"], prompts=spec["prompts"], resume=spec.get("resume", False),
+                      progress=False, log=lambda _m: None)
+    grads = observe_first_grads(trainer)
+    trainer.run()
+    if trainer.c.dist.is_main and grads:
+        save_file({k: v.contiguous() for k, v in grads.items()}, str(Path(spec["run_dir"]) / "grads.safetensors"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
