@@ -1,4 +1,5 @@
-"""The demo models: SFT label masking, evaluation, and the verified cache (tiny settings, seconds)."""
+"""The demo models: SFT label masking, sampling and evaluation (the library's sampler), and the verified cache
+(tiny settings, seconds)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import pytest
 import torch
 
+from opdkit.data.chat import render_chat
 from opdkit.demo.models import (
     DemoSettings,
     ModelSpec,
@@ -20,8 +22,8 @@ from opdkit.demo.models import (
     prepare_demo_models,
     verify_cache_entry,
 )
-from opdkit.demo.sft import IGNORE, build_examples, collate, lr_at, response_loss, sft_train
-from opdkit.demo.task import TaskSpec, chatml_text, make_problems
+from opdkit.demo.sft import IGNORE, build_examples, collate, encode_prompts, lr_at, response_loss, sft_train
+from opdkit.demo.task import TaskSpec, chat_messages, chatml_text, make_problems
 from opdkit.errors import InputError
 
 TINY = ModelSpec(
@@ -73,6 +75,7 @@ def test_sft_labels_mask_the_prompt(tok):
         assert all(x == IGNORE for x in e.labels[:n_prompt])  # masked positions form the prompt prefix
         prompt = tok.decode(list(e.input_ids[:n_prompt]))
         assert prompt == chatml_text(p, with_solution=False)
+        assert list(e.input_ids[:n_prompt]) == render_chat(tok, chat_messages(p))  # the sampler's prompt ids
         assert list(e.labels[n_prompt:]) == list(e.input_ids[n_prompt:])
         assert tok.decode(list(e.labels[n_prompt:-1])) == p.solution
         assert e.labels[-1] == tok.eos_token_id
@@ -152,27 +155,59 @@ def test_evaluate_accuracy_is_in_range_and_deterministic(tok, tiny_model):
     assert all(f == (n < 6 or f) for f, n in zip(a.finished, a.num_tokens))
     acc = evaluate_accuracy(tiny_model, tok, problems, seed=3, **kw)
     assert 0.0 <= acc <= 1.0 and acc == evaluate_accuracy(tiny_model, tok, problems, seed=3, **kw)
-    greedy = generate_responses(tiny_model, tok, problems, greedy=True, **kw)
-    assert greedy == generate_responses(tiny_model, tok, problems, greedy=True, seed=9, **kw)
     state = torch.random.get_rng_state()
     evaluate_accuracy(tiny_model, tok, problems, **kw)
     assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is untouched
+    tiny_model.train()
+    try:
+        assert generate_responses(tiny_model, tok, problems, seed=3, **kw) == a
+        assert tiny_model.training  # left in the caller's mode
+    finally:
+        tiny_model.eval()
     assert evaluate_accuracy(tiny_model, tok, [], **kw) == 0.0
     with pytest.raises(InputError):
         evaluate_accuracy(tiny_model, tok, problems, max_new_tokens=4, top_p=0.0)
 
 
-def test_left_padding_does_not_change_responses(tok, tiny_model):
-    """A prompt's greedy response is the same alone and in a batch with longer prompts (left padding)."""
+def test_a_problems_response_does_not_depend_on_the_batch(tok, tiny_model):
+    """Per-problem seeds: a problem's sampled response is the same in a batch of any size, with longer
+    prompts around it (left padding) or alone."""
     problems = make_problems(8, seed=2, split="eval")
-    batch = generate_responses(tiny_model, tok, problems, max_new_tokens=6, greedy=True, batch_size=8)
-    for i in (0, 5):
-        alone = generate_responses(tiny_model, tok, problems[i : i + 1], max_new_tokens=6, greedy=True)
-        assert alone.texts[0] == batch.texts[i]
+    assert len({len(ids) for ids in encode_prompts(tok, problems)}) > 1  # the full batch is left-padded
+    kw = {"max_new_tokens": 6, "seed": 5}
+    whole = generate_responses(tiny_model, tok, problems, batch_size=8, **kw)
+    assert len(set(whole.texts)) > 1
+    assert generate_responses(tiny_model, tok, problems, batch_size=3, **kw) == whole
+    assert generate_responses(tiny_model, tok, problems, batch_size=1, **kw) == whole
 
 
-def test_settings_change_the_cache_key():
+def test_demo_accuracy_and_the_trainers_evaluator_sample_the_same_responses(tok, tiny_model):
+    """One sampler: evaluate_accuracy and SamplingEvaluator (the OPD curve's evaluator) with the same seed
+    grade the same responses."""
+    from opdkit.data import PromptRecord
+    from opdkit.eval import EvalSettings, SamplingEvaluator
+
+    problems = make_problems(5, seed=4, split="eval")
+    res = generate_responses(tiny_model, tok, problems, max_new_tokens=6, seed=7, batch_size=2)
+    graded: list[str] = []
+    evaluator = SamplingEvaluator(
+        [PromptRecord(tuple(chat_messages(p)), p.answer) for p in problems],
+        EvalSettings(n_samples=1, temperature=1.0, top_p=0.9, max_new_tokens=6, batch_size=3, seed=7),
+        grader=lambda text, _answer: graded.append(text) or False,
+    )
+    metrics = evaluator.evaluate(tiny_model, tok, step=0)
+    assert graded == res.texts
+    assert metrics["eval_response_length"] == pytest.approx(sum(res.num_tokens) / len(problems))
+
+
+def test_settings_change_the_cache_key(monkeypatch):
+    from opdkit.demo import cache
+
     assert cache_key(TINY_SETTINGS) == cache_key(DemoSettings(**TINY_SETTINGS.__dict__))
+    key = cache_key(TINY_SETTINGS)
+    monkeypatch.setattr(cache, "CACHE_FORMAT", cache.CACHE_FORMAT + 1)  # a bumped format builds a new entry
+    assert cache_key(TINY_SETTINGS) != key
+    monkeypatch.undo()
     assert cache_key(TINY_SETTINGS) != cache_key(TINY_SETTINGS, seed=1)
     assert cache_key(TINY_SETTINGS) != cache_key(DemoSettings(**{**TINY_SETTINGS.__dict__, "eval_problems": 7}))
     with pytest.raises(InputError):

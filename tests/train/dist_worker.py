@@ -1,8 +1,10 @@
 """A training run for the multi-process tests: ``torchrun --nproc_per_node N tests/train/dist_worker.py SPEC``.
 
 SPEC is a JSON file: ``{"overrides": {...}, "prompts": [...], "out": DIR, "resume": bool}``. The run is a
-real ``Trainer``; the only addition is an observer on the optimizer's ``step`` that records the gradient
-of every trainable parameter before the first optimizer step (rank 0 writes them to ``OUT/grads.safetensors``).
+real ``Trainer``; the only additions are observers: one on the optimizer's ``step`` that records the
+gradient of every trainable parameter before the first optimizer step (rank 0 writes them to
+``RUN_DIR/grads.safetensors``), and one that lists the student module's forward passes of each process
+(``RUN_DIR/forwards-RANK.json``).
 """
 
 from __future__ import annotations
@@ -41,7 +43,17 @@ def main(spec_path: str) -> None:
     trainer = Trainer(cfg, spec["run_dir"], prompts=spec["prompts"], resume=spec.get("resume", False),
                       progress=False, log=lambda _m: None)
     grads = observe_first_grads(trainer)
+    student = trainer.c.accelerator.unwrap_model(trainer.c.module)
+    forward, calls = student.forward, []
+
+    def counted_forward(fn, *args, **kwargs):  # which student passes this process ran, in order
+        calls.append(getattr(fn, "__name__", "?"))
+        return forward(fn, *args, **kwargs)
+
+    student.forward = counted_forward
     trainer.run()
+    rank = trainer.c.dist.rank
+    (Path(spec["run_dir"]) / f"forwards-{rank}.json").write_text(json.dumps(calls))
     if trainer.c.dist.is_main and grads:
         save_file({k: v.contiguous() for k, v in grads.items()}, str(Path(spec["run_dir"]) / "grads.safetensors"))
 

@@ -2,10 +2,12 @@
 
 A run does not depend on the number of processes: the same responses are sampled (per-trajectory seeds),
 cut into the same mini-batches, and the gradient is normalised by the whole mini-batch's token count, so 1
-and 2 processes reach the same weights. They are equal up to float32 summation order (the all-reduce adds
-per-process partial gradients): we measured a largest weight difference of ~5e-5 after 3 AdamW steps at
-lr 1e-2 on these tiny models (each step moves weights by ~1e-2), and assert 1e-4 on weights and a relative
-1e-4 on gradients and logged metrics.
+and 2 processes reach the same weights, up to float32 summation order (the all-reduce adds per-process
+partial gradients). The gradients of the first optimizer step agree to a relative 1e-4, and so does every
+logged metric of every step. The weights after 3 AdamW steps at lr 1e-2 (which move weights by up to ~5e-2)
+agree to 1e-3: AdamW divides each gradient by its own running magnitude, so weights whose gradients are
+tiny amplify summation-order noise. For scale, one process with micro-batch size 3 against micro-batch
+size 1, the same 3 steps, measured a largest weight difference of 2.9e-4; 1 against 2 processes, 4.7e-4.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def test_two_processes_reach_the_weights_of_one(tmp_path, tiny_model_dirs):
     w1, w2 = _weights(one), _weights(two)
     moved = max(float((w1[k] - w0[k]).abs().max()) for k in w1)
     assert moved > 1e-3  # training did move the weights
-    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-3
     # one process wrote the run directory, and the checkpoint holds both processes' RNG states
     ckpt = two / "checkpoints" / "step-000002"
     assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
@@ -125,3 +127,17 @@ def test_a_killed_two_process_run_resumes_exactly(tmp_path, tiny_model_dirs):
     _assert_rows_close(read_metrics(straight), read_metrics(run), rel=1e-6)
     a, b = _weights(straight), _weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_processes_with_unequal_shares_run_their_forward_passes_in_lockstep(tmp_path, tiny_model_dirs):
+    """5 responses over 2 processes (3 and 2 rows) with micro-batches of 2: both processes still run the same
+    sequence of student forward passes (what FSDP, which gathers parameters inside each forward, needs)."""
+    over = _overrides(tiny_model_dirs, **{"optim.prompts_per_step": 5, "rollout.n_samples": 1,
+                                         "optim.mini_batches": 1, "optim.micro_batch_size": 2,
+                                         "optim.total_steps": 2})
+    run = _run(tmp_path, "uneven", over, 2)
+    f0 = json.loads((run / "forwards-0.json").read_text())
+    f1 = json.loads((run / "forwards-1.json").read_text())
+    assert f0 == f1 and f0.count("student_pass") == 4 and f0.count("fn") == 4
+    one = _run(tmp_path, "uneven1", over, 1)
+    _assert_rows_close(read_metrics(one), read_metrics(run))

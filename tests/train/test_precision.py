@@ -37,7 +37,11 @@ def test_bf16_updates_move_the_float32_master_weights(tmp_path, tiny_model_dirs)
     bf16 = {n: p for n, p in load_causal_lm(tiny_model_dirs["qwen2"], dtype="bfloat16").named_parameters()}
     assert all(torch.equal(start[n], bf16[n].float()) for n in start)  # the master copy starts from the bf16 weights
     grads = observe_first_grads(trainer)
-    trainer.run()
+    result = trainer.run()
+    from safetensors.torch import load_file
+
+    exported = load_file(str(result.final_dir / "model.safetensors"))
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}  # exported in the dtype it was loaded in
     moved = changed_in_bf16 = total = 0
     for n, p in trainer.student.named_parameters():
         has_grad = grads[n] != 0

@@ -1,10 +1,11 @@
 """Supervised fine-tuning of the demo models on worked solutions (loss on the response tokens only).
 
 An example is ``prompt ids + response ids + EOS``: the prompt is the chat template with the generation
-prompt (exactly what the rollout sampler feeds the model), the response the solution text followed by
-the tokenizer's EOS token (``<|im_end|>``), which is how a sampled response ends. Labels are ``-100``
-on the prompt and on padding, so the loss is the mean next-token cross-entropy over response tokens
-(EOS included) of the batch. AdamW with linear warmup and cosine decay to ``min_lr_ratio * lr``.
+prompt, rendered by :func:`opdkit.data.chat.render_chat` (the one chat renderer: exactly the ids the
+rollout sampler feeds the model), the response the solution text followed by the tokenizer's EOS token
+(``<|im_end|>``), which is how a sampled response ends. Labels are ``-100`` on the prompt and on
+padding, so the loss is the mean next-token cross-entropy over response tokens (EOS included) of the
+batch. AdamW with linear warmup and cosine decay to ``min_lr_ratio * lr``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opdkit.data.chat import render_chat
 from opdkit.demo.task import Problem, chat_messages
 from opdkit.errors import InputError
 
@@ -34,10 +36,8 @@ class SFTExample:
 
 
 def encode_prompts(tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
-    """Token ids of each problem's chat prompt, with the assistant generation prompt."""
-    render = tokenizer.apply_chat_template
-    texts = [render(chat_messages(p), tokenize=False, add_generation_prompt=True) for p in problems]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    """Token ids of each problem's chat prompt, with the assistant generation prompt (:func:`render_chat`)."""
+    return [render_chat(tokenizer, chat_messages(p)) for p in problems]
 
 
 def build_examples(tokenizer, problems: Sequence[Problem]) -> list[SFTExample]:

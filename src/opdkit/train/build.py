@@ -70,6 +70,7 @@ class Components:
     special_ids: list[int]
     prompts: list
     head_description: str
+    load_dtype: torch.dtype = torch.float32  # the dtype the student was loaded in: the exported model's
 
 
 def _device_settings(cfg: Config) -> bool:
@@ -200,6 +201,7 @@ def build_components(
     lm = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                         device=device)
     verify_output_head(lm)
+    load_dtype = next((p.dtype for p in lm.parameters() if p.is_floating_point()), torch.float32)
     if cfg.model.gradient_checkpointing:
         enable = getattr(lm, "activation_checkpointing_enable", None)  # transformers >= 5.x; older: the alias
         if enable is not None:
@@ -261,5 +263,5 @@ def build_components(
         cfg=cfg, run_dir=path, accelerator=accelerator, dist=dist, precision=precision, tokenizer=tokenizer,
         module=module, lm=inner, optimizer=optimizer, scheduler=scheduler, sampler=sampler, teacher=teacher,
         objective=objective, evaluator=evaluator, special_ids=special_ids, prompts=records,
-        head_description=head_description,
+        head_description=head_description, load_dtype=load_dtype,
     )

@@ -233,7 +233,8 @@ class Trainer:
         return TrainResult(self.run_dir, cfg.optim.total_steps, skipped_total, final, metrics)
 
     def export(self) -> Path | None:
-        """``save_pretrained`` the student (LoRA merged) and its tokenizer into ``RUN_DIR/final`` (one process)."""
+        """``save_pretrained`` the student (LoRA merged) and its tokenizer into ``RUN_DIR/final`` (one process),
+        in the dtype it was loaded in (the float32 master weights rounded once, at the end)."""
         acc, dist = self.c.accelerator, self.c.dist
         dist.barrier()
         state = acc.get_state_dict(self.c.module) if dist.is_fsdp else None  # collective under FSDP
@@ -245,6 +246,10 @@ class Trainer:
                 kwargs["state_dict"] = {k.removeprefix("lm."): v for k, v in state.items()}
             if hasattr(model, "merge_and_unload"):  # LoRA: export a plain model with the adapters merged
                 model = copy.deepcopy(model).merge_and_unload()
+            dtype = self.c.load_dtype
+            if dtype != torch.float32:
+                sd = kwargs.get("state_dict") or model.state_dict()
+                kwargs["state_dict"] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
             final = self.run_dir / "final"
             tmp = self.run_dir / ".final-tmp"
             if tmp.exists():

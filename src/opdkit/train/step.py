@@ -9,6 +9,11 @@ Every response has its own sampling seed, a function of ``(rollout.seed, step, p
 sample index)``. So the step's responses, their mini-batches and every gradient are the same for any
 number of processes: only which process computes what changes.
 
+Lockstep. Every process runs the same number of forward passes in each phase (micro-batches are cut
+into as many parts as the busiest process needs; a process with fewer rows runs a zero-weight pass on
+one of its rows): FSDP gathers parameters collectively inside each forward, so the processes must call
+it together.
+
 Normalisation: ``aggregate(per_token, loss_mask, objective.aggregation)`` with the count of the whole
 mini-batch summed over processes as the denominator, so the gradient does not depend on how a
 mini-batch is cut into micro-batches or processes. DDP averages gradients over processes, so each process
@@ -43,10 +48,12 @@ class StepPlan:
         rows: per local response, ``(global response index g, prompt position in the step, seed)``, ordered
             by mini-batch.
         minis: per mini-batch, the ``(start, stop)`` range of ``rows`` it covers on this process.
+        busiest: per mini-batch, the most rows any process holds of it (sets the number of micro-batches).
     """
 
     rows: tuple[tuple[int, int, int], ...]
     minis: tuple[tuple[int, int], ...]
+    busiest: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -69,14 +76,28 @@ def plan_step(step: int, positions: list[int], *, n_samples: int, mini_batches: 
     G = len(positions) * n_samples
     g = torch.Generator().manual_seed(run_seed * 7919 + step)
     order = torch.randperm(G, generator=g)
-    rows, minis = [], []
+    rows, minis, busiest = [], [], []
     for mini in order.tensor_split(min(mini_batches, G)):
         start = len(rows)
         for gi in mini.tolist()[rank::world]:
             p, s = divmod(gi, n_samples)
             rows.append((gi, p, trajectory_seed(rollout_seed, step, positions[p], s)))
         minis.append((start, len(rows)))
-    return StepPlan(tuple(rows), tuple(minis))
+        busiest.append(-(-len(mini) // world))
+    return StepPlan(tuple(rows), tuple(minis), tuple(busiest))
+
+
+def parts(start: int, stop: int, n_parts: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` cut into ``n_parts`` nearly equal consecutive ranges (empty ones at the end when
+    there are fewer rows than parts)."""
+    n = stop - start
+    q, r = divmod(n, n_parts)
+    out, a = [], start
+    for i in range(n_parts):
+        b = a + q + (1 if i < r else 0)
+        out.append((a, b))
+        a = b
+    return out
 
 
 def _cat_pass(parts: list[StudentPass]) -> StudentPass:
@@ -86,14 +107,6 @@ def _cat_pass(parts: list[StudentPass]) -> StudentPass:
 
     return StudentPass(*(cat(f) for f in ("old_logprobs_B_T", "entropy_B_T", "logsumexp_B_T", "topk_ids_B_T_K",
                                           "topk_logprobs_B_T_K")))
-
-
-def _pad_T(x: torch.Tensor, T: int, fill) -> torch.Tensor:
-    """Right-pad the T axis (dim 1) to ``T`` (micro-batches of a rollout share T already; kept for safety)."""
-    if x.shape[1] == T:
-        return x
-    pad = x.new_full((x.shape[0], T - x.shape[1], *x.shape[2:]), fill)
-    return torch.cat([x, pad], dim=1)
 
 
 def _loss_fn(objective, x: LossInputs, input_ids, attention_mask, prompt_len: int, ppo: bool):
@@ -132,15 +145,17 @@ def run_step(c, step: int, records: list, positions: list[int], *, keep_record: 
 
     # 2. student pass (no grad, through the prepared module, under the precision policy)
     t1 = time.perf_counter()
-    parts = []
+    passes = []
     with torch.no_grad(), c.precision.autocast():
-        for s in range(0, B, mb):
-            r = slice(s, s + mb)
-            parts.append(c.module(student_pass, batch.input_ids_B_L[r], batch.attention_mask_B_L[r],
-                                  batch.prompt_len, batch.sampled_ids_B_T[r], batch.response_mask_B_T[r],
-                                  temperature=cfg.rollout.temperature, topk=c.objective.student_topk,
-                                  chunk_size=cfg.model.logits_chunk_size))
-    sp = _cat_pass(parts)
+        for a, b in parts(0, B, -(-sum(plan.busiest) // mb)):
+            r = slice(a, b) if b > a else slice(0, 1)  # an empty part: a pass kept in lockstep, then dropped
+            out = c.module(student_pass, batch.input_ids_B_L[r], batch.attention_mask_B_L[r],
+                           batch.prompt_len, batch.sampled_ids_B_T[r], batch.response_mask_B_T[r],
+                           temperature=cfg.rollout.temperature, topk=c.objective.student_topk,
+                           chunk_size=cfg.model.logits_chunk_size)
+            if b > a:
+                passes.append(out)
+    sp = _cat_pass(passes)
     metrics.max("time_student_s", time.perf_counter() - t1)
 
     # 3. teacher
@@ -211,16 +226,17 @@ def _update(c, step: int, plan: StepPlan, batch, sp: StudentPass, signal, loss_m
     params = [p for p in c.module.parameters() if p.requires_grad]
     max_norm = opt.grad_clip if opt.grad_clip is not None else float("inf")
     ppo = len(plan.minis) > 1
-    T = batch.response_len
     support_parts: list[torch.Tensor | None] = []
     norms, skipped = [], 0
-    for start, stop in plan.minis:
+    for (start, stop), busiest in zip(plan.minis, plan.busiest, strict=True):
         m = loss_mask[start:stop]
         local = float(m.sum()) if o.aggregation == "token-mean" else float((m.sum(-1) > 0).sum())
         denom = max(dist.sum([local])[0], 1.0) / dist.world
         total = 0.0
-        micro = [(s, min(s + opt.micro_batch_size, stop)) for s in range(start, stop, opt.micro_batch_size)]
+        micro = parts(start, stop, -(-busiest // opt.micro_batch_size))
         for i, (a, b) in enumerate(micro):
+            weight = 1.0 if b > a else 0.0  # an empty part: a zero-weight pass on one row, in lockstep
+            a, b = (a, b) if b > a else (start, start + 1)
             x = LossInputs(
                 loss_mask_B_T=loss_mask[a:b],
                 sampled_ids_B_T=batch.sampled_ids_B_T[a:b],
@@ -237,10 +253,12 @@ def _update(c, step: int, plan: StepPlan, batch, sp: StudentPass, signal, loss_m
                         _loss_fn(c.objective, x, batch.input_ids_B_L[a:b], batch.attention_mask_B_L[a:b],
                                  batch.prompt_len, ppo)
                     )
-                loss = aggregate(per_token.float(), x.loss_mask_B_T, o.aggregation, denominator=denom) * o.loss_coef
+                loss = aggregate(per_token.float(), x.loss_mask_B_T, o.aggregation, denominator=denom)
+                loss = loss * (o.loss_coef * weight)
                 acc.backward(loss)
             total += float(loss.detach())
-            support_parts.append(None if support_lp is None else _pad_T(support_lp.detach(), T, float("-inf")))
+            if weight:
+                support_parts.append(None if support_lp is None else support_lp.detach())
         norm = float(acc.clip_grad_norm_(params, max_norm))
         if math.isfinite(norm):
             c.optimizer.step()
