@@ -12,7 +12,7 @@ hidden states ``[N, H]`` and LM-head weight ``[V, H]`` against the teacher's ful
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/full_kl_bench.py                  # V = 2048 (H 128) and 151936 (H 896), N = 512
+    .venv/bin/python benchmarks/full_kl_bench.py     # V = 2048 (H 128, N 512); V = 151936 (H 896, N 512 and 2048)
 
 Peak memory is measured as in ``loss_bench.py`` (the rise of torch-allocated memory during one forward +
 backward, from the profiler's allocator events on CPU). A configuration whose first allocation would exceed
@@ -91,7 +91,7 @@ def run(fn, data, chunk, repeats):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[512, 2048], help="N at V = 151936 (512 at V = 2048)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=256, help="positions per chunk for (b) and (c)")
     ap.add_argument("--max-gib", type=float, default=16.0)
@@ -99,8 +99,7 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; memory self-check "
           f"{self_check_memory(torch.device('cpu')):.1f} MB for 100 MB")
     rows = []
-    for V, H in ((2048, 128), (151936, 896)):
-        N = args.tokens
+    for V, H, N in [(2048, 128, 512)] + [(151936, 896, n) for n in args.tokens]:
         data = make(N, V, H)
         results = {}
         for name, fn in (("dense", dense), ("old", old_gather), ("chunked", chunked)):
@@ -108,10 +107,10 @@ def main(argv=None) -> int:
             need = {"dense": N * V * 4, "old": min(args.chunk, N) * V * H * 4, "chunked": args.chunk * V * 4}[name]
             if need > args.max_gib * 1024**3:
                 results[name] = None
-                print(f"V={V}: {name}: not run, its first [..] buffer alone is {need / 1024**3:.1f} GiB", flush=True)
+                print(f"V={V} N={N}: {name}: not run, one buffer alone is {need / 1024**3:.1f} GiB", flush=True)
                 continue
             results[name] = run(fn, data, args.chunk, args.repeats) + (need,)
-            print(f"V={V}: {name}: loss {results[name][0]:.6f}, {results[name][1]:.3f} s, "
+            print(f"V={V} N={N}: {name}: loss {results[name][0]:.6f}, {results[name][1]:.3f} s, "
                   f"peak {results[name][2] / MiB:.0f} MiB", flush=True)
         c = results["chunked"]
         for name, label in (("dense", "(a) dense, unchunked"), ("old", "(b) old: support KL with K = V"),
@@ -119,12 +118,13 @@ def main(argv=None) -> int:
             r = results[name]
             if r is None:
                 need = {"dense": N * V * 4, "old": min(args.chunk, N) * V * H * 4}[name]
-                rows.append([str(V), str(H), label, "not run", f"needs {need / 1024**3:.0f} GiB at once", "", "", ""])
+                rows.append([str(V), str(H), str(N), label, "not run", f"needs {need / 1024**3:.0f} GiB at once"]
+                            + [""] * 3)
                 continue
-            rows.append([str(V), str(H), label, f"{r[1]:.3f}", f"{r[2] / MiB:.0f}", f"{r[1] / c[1]:.2f}x",
+            rows.append([str(V), str(H), str(N), label, f"{r[1]:.3f}", f"{r[2] / MiB:.0f}", f"{r[1] / c[1]:.2f}x",
                          f"{r[2] / max(c[2], 1):.2f}x", f"{abs(r[0] - c[0]) / abs(c[0]):.1e}"])
     print()
-    print(md_table(["V", "H", "path", "time [s]", "peak [MiB]", "time / (c)", "memory / (c)", "loss rel. diff"],
+    print(md_table(["V", "H", "N", "path", "time [s]", "peak [MiB]", "time / (c)", "memory / (c)", "loss rel. diff"],
                    rows))
     return 0
 

@@ -221,15 +221,15 @@ class FullReverseKL(Objective):
     def per_token(self, head, hidden_B_T_H, x, *, ppo):
         idx, h_N_H, BT = self._positions(hidden_B_T_H, x.loss_mask_B_T)
         V = x.teacher_logprobs_B_T_K.shape[-1]  # the shared vocabulary (teacher rows may be padded beyond)
-        teacher_N_V = x.teacher_logprobs_B_T_K.reshape(-1, V)[idx]
-        ones_N = torch.ones(idx.shape[0], dtype=torch.bool, device=idx.device)
+        teacher_BT_V = x.teacher_logprobs_B_T_K.reshape(-1, V)  # rows are gathered per chunk: no [N, V] copy
 
-        def chunk(h_n_H, t_n_V, m_n):
+        def chunk(h_n_H, idx_n):
             # log_softmax of the teacher's log-probs on the shared ids renormalises them there.
             student = head.logits(h_n_H)[:, :V] / self.temperature
-            return (full_reverse_kl(student, t_n_V, m_n, check_inputs=False),)
+            ones = torch.ones(idx_n.shape[0], dtype=torch.bool, device=idx_n.device)
+            return (full_reverse_kl(student, teacher_BT_V[idx_n], ones, check_inputs=False),)
 
-        (per_N,) = map_positions(chunk, h_N_H, teacher_N_V, ones_N, chunk_size=self.chunk_size)
+        (per_N,) = map_positions(chunk, h_N_H, idx, chunk_size=self.chunk_size)
         return scatter_positions(per_N, idx, BT), None
 
 

@@ -34,10 +34,12 @@ SAMPLE_CONVERSATION: tuple[dict[str, str], ...] = (
 
 def render_template(tokenizer, conversation: Sequence[dict] | None = None, *, add_generation_prompt: bool = False):
     """The tokenizer's chat template rendered on ``conversation`` as text, or ``None`` if it has no template."""
+    from opdkit.data.chat import render_chat_text
+
     if not getattr(tokenizer, "chat_template", None):
         return None
-    messages = [dict(m) for m in (conversation if conversation is not None else SAMPLE_CONVERSATION)]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    messages = conversation if conversation is not None else SAMPLE_CONVERSATION
+    return render_chat_text(tokenizer, messages, add_generation_prompt=add_generation_prompt)
 
 
 def special_id_set(tokenizer) -> set[int]:

@@ -97,7 +97,7 @@ def test_malformed_line_names_file_and_line(tmp_path, bad, match):
     path = _write(tmp_path / "metrics.jsonl", [_line(0, 3), _line(1, 3)], raw_lines=[bad])
     with pytest.raises(MetricsError, match=match) as info:
         run_report(tmp_path)
-    assert f"{path}:3:" in str(info.value)
+    assert f"{path} line 3:" in str(info.value)
 
 
 def test_missing_file_names_the_path(tmp_path):

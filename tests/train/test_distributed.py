@@ -37,7 +37,7 @@ def _overrides(dirs, **over):
         "model.path": str(dirs["qwen2"]), "teacher.path": str(dirs["llama"]), "objective.top_k": 8,
         "rollout.max_new_tokens": 8, "rollout.n_samples": 2, "optim.prompts_per_step": 4,
         "optim.total_steps": 3, "optim.mini_batches": 2, "optim.micro_batch_size": 3, "optim.lr": 1e-2,
-        "run.save_every": 2, "run.tensorboard": False,
+        "run.save_every": 2, "run.tensorboard": False, "optim.warmup_steps": 2,  # lr steps once per update
     }
     base.update(over)
     return base

@@ -150,6 +150,22 @@ def test_run_directory_holding_a_run_is_refused(tmp_path, tiny_model_dirs):
         Trainer(cfg, tmp_path / "empty", prompts=PROMPTS, resume=True, progress=False)
 
 
+def test_warmup_counts_training_steps(tmp_path, tiny_model_dirs):
+    """optim.warmup_steps counts rollout batches: with 2 mini-batches per step, 2 warm-up steps are 4
+    optimizer steps, so the lr after step 1 is half the base lr and full after step 2."""
+    cfg = _cfg(tiny_model_dirs, **{"optim.total_steps": 3, "optim.warmup_steps": 2, "optim.mini_batches": 2,
+                                   "optim.lr": 1e-3, "run.save_every": 0})
+    rows = read_metrics(Trainer(cfg, tmp_path / "run", prompts=PROMPTS, progress=False).run().run_dir)
+    assert [r["lr"] for r in rows] == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_cuda_is_an_error(tmp_path, tiny_model_dirs):
+    with pytest.raises(OpdkitError, match="run.device: 'cuda' was asked for"):
+        Trainer(_cfg(tiny_model_dirs, **{"run.device": "cuda"}), tmp_path / "run", prompts=PROMPTS, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_model_path_is_named(tmp_path, tiny_model_dirs):
     from opdkit.hf import ModelLoadError
 

@@ -19,12 +19,12 @@ Output (in ``out_dir``, default ``RUN_DIR``):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from opdkit.data.jsonl import DataError, read_jsonl
 from opdkit.errors import OpdkitError
 
 __all__ = [
@@ -116,17 +116,9 @@ def load_metrics(path: str | Path) -> RunMetrics:
         raise MetricsError(f"{path}: no such file (expected the run's metrics.jsonl)")
     steps: list[int] = []
     values: dict[str, list[float | None]] = {k: [] for k in METRIC_KEYS}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MetricsError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise MetricsError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    try:
+        for lineno, obj in read_jsonl(path, what="metrics file"):
+            where = f"{path} line {lineno}"
             step = obj.get("step")
             if step is None:
                 step = steps[-1] + 1 if steps else 0
@@ -141,6 +133,8 @@ def load_metrics(path: str | Path) -> RunMetrics:
                 if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                     raise MetricsError(f"{where}: {key!r} must be a number or null, got {v!r}")
                 values[key].append(None if v is None else float(v))
+    except DataError as exc:
+        raise MetricsError(str(exc)) from None
     if not steps:
         raise MetricsError(f"{path}: no metrics lines")
     return RunMetrics(path, steps, values)

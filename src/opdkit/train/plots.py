@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -31,17 +30,14 @@ PANELS = {
 
 
 def _read(path: Path) -> list[dict]:
+    from opdkit.data.jsonl import DataError, read_jsonl
+
     if not path.exists():
         raise OpdkitError(f"'{path}': no such file (is this a run directory?)")
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise OpdkitError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
-    return rows
+    try:
+        return [row for _, row in read_jsonl(path, what="metrics file")]
+    except DataError as exc:
+        raise OpdkitError(str(exc)) from None
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:

@@ -141,7 +141,7 @@ def run_step(c, step: int, records: list, positions: list[int], *, keep_record: 
     metrics.max("time_rollout_s", time.perf_counter() - t0)
     loss_mask = special_token_mask(batch.sampled_ids_B_T, c.special_ids, batch.response_mask_B_T.bool(),
                                    mode=o.special_token_mode)
-    B, T = batch.sampled_ids_B_T.shape
+    B = batch.batch_size
 
     # 2. student pass (no grad, through the prepared module, under the precision policy)
     t1 = time.perf_counter()
@@ -176,7 +176,7 @@ def run_step(c, step: int, records: list, positions: list[int], *, keep_record: 
     t3 = time.perf_counter()
     support_lp = None
     if finite:
-        support_lp, upd = _update(c, step, plan, batch, sp, signal, loss_mask, metrics)
+        support_lp, upd = _update(c, plan, batch, sp, signal, loss_mask, metrics)
     else:
         metrics.mean("loss", float("nan"), 1.0)
         metrics.set("grad_norm", float("nan"))
@@ -218,7 +218,7 @@ def _diagnostics(c, metrics: StepMetrics, batch, sp: StudentPass, signal, loss_m
     metrics.moments("reward_skew", r.numel(), float(r.sum()), float((r**2).sum()), float((r**3).sum()))
 
 
-def _update(c, step: int, plan: StepPlan, batch, sp: StudentPass, signal, loss_mask, metrics: StepMetrics):
+def _update(c, plan: StepPlan, batch, sp: StudentPass, signal, loss_mask, metrics: StepMetrics):
     """One optimizer step per mini-batch; returns the student's support log-probs and the step's flags."""
     cfg, dist, acc = c.cfg, c.dist, c.accelerator
     o, opt = cfg.objective, cfg.optim
