@@ -65,19 +65,8 @@ def _flatten(cfg: Config) -> dict[str, Any]:
 
 
 def _accuracy(model, tokenizer, problems, settings, seed: int) -> float:
-    """The demo's accuracy protocol (``DemoSettings``' sampling) for any model."""
-    from opdkit.demo.models import evaluate_accuracy
-
-    return evaluate_accuracy(
-        model,
-        tokenizer,
-        problems,
-        max_new_tokens=settings.max_new_tokens,
-        top_p=settings.eval_top_p,
-        temperature=settings.eval_temperature,
-        seed=seed,
-        batch_size=settings.eval_batch_size,
-    )
+    """The demo's accuracy protocol (``DemoSettings``' sampling) for any model: the trainer's evaluator."""
+    return _evaluator(problems, settings, seed).evaluate(model, tokenizer)["eval_accuracy"]
 
 
 def _evaluator(problems, settings, seed: int):
