@@ -62,7 +62,7 @@ def test_overrides_apply_in_order_and_leave_the_input_alone():
 
 def test_numbers_as_yaml_1_1_reads_them(tmp_path):
     # PyYAML reads 2e-6 as a string (YAML 1.1 wants a dot); float fields accept it, and ints widen.
-    path = write(tmp_path, "optim:\n  lr: 2e-6\n  weight_decay: 0\nmodel:\n  lora_alpha: 32\n")
+    path = write(tmp_path, "optim:\n  lr: 2e-6\n  weight_decay: 0\nmodel:\n  lora_r: 4\n  lora_alpha: 32\n")
     cfg = load_config(path)
     assert cfg.optim.lr == 2e-6 and isinstance(cfg.optim.lr, float)
     assert cfg.optim.weight_decay == 0.0 and isinstance(cfg.optim.weight_decay, float)
@@ -126,7 +126,8 @@ def test_out_of_range_names_field_and_range(override, message):
 
 
 def test_optional_bounds_allow_null():
-    cfg = load_config(overrides=["objective.reward_clip=null", "optim.grad_clip=null", "objective.reward_clip=5"])
+    cfg = load_config(overrides=["objective.kind=sampled_token", "objective.reward_clip=null", "optim.grad_clip=null",
+                                 "objective.reward_clip=5"])
     assert cfg.optim.grad_clip is None and cfg.objective.reward_clip == 5.0
 
 
@@ -235,7 +236,9 @@ def test_round_trip_nontrivial_and_readable(tmp_path):
     cfg = load_config(
         overrides={
             "model.path": "/models/student",
+            "model.lora_r": 8,
             "model.lora_target_modules": ["q_proj", "v_proj"],
+            "objective.kind": "sampled_token",
             "optim.lr": 2e-6,
             "optim.betas": [0.9, 0.95],
             "optim.grad_clip": None,
@@ -272,6 +275,7 @@ def test_round_trip_property(tmp_path_factory, lr, top_p, top_k, gamma, special,
             "optim.lr": lr,
             "rollout.top_p": top_p,
             "objective.top_k": top_k,
+            "objective.kind": "sampled_token",
             "objective.gamma": gamma,
             "objective.special_tokens": special,
             "model.path": path,
@@ -280,6 +284,26 @@ def test_round_trip_property(tmp_path_factory, lr, top_p, top_k, gamma, special,
     file = tmp_path_factory.mktemp("rt") / "c.yaml"
     save_config(cfg, file)
     assert load_config(file) == cfg
+
+
+def test_a_setting_that_nothing_reads_is_refused():
+    """Settings of another objective or mode are refused with the reason, not silently ignored."""
+    for overrides, needle in [
+        (["objective.gamma=1.0"], "objective.gamma = 1.0 has no effect here: it acts only with objective.kind=sampled"),
+        (["objective.kind=full_reverse_kl", "objective.top_k=8"], "objective.top_k = 8 has no effect here"),
+        (["objective.kind=sampled_token", "objective.divergence=jsd"], "objective.divergence = 'jsd' has no effect"),
+        (["objective.jsd_beta=0.3"], "it acts only with objective.divergence=jsd"),
+        (["objective.kind=sampled_token", "objective.ppo_clip_eps=0.1", "optim.mini_batches=1"], "PPO clipping"),
+        (["model.lora_alpha=8"], "it acts only with model.lora_r > 0"),
+        (["objective.special_tokens=[]", "objective.special_token_mode=all"], "objective.special_tokens is empty"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config(overrides=overrides)
+    # the same values where they act are fine
+    load_config(overrides=["objective.kind=sampled_token", "objective.gamma=1.0", "optim.mini_batches=2",
+                           "objective.ppo_clip_eps=0.1"])
+    load_config(overrides=["objective.divergence=jsd", "objective.jsd_beta=0.3", "model.lora_r=4",
+                           "model.lora_alpha=8"])
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

@@ -17,9 +17,9 @@ An objective is the single place that knows one loss of METHOD.md:
   discounted by ``γ``; REINFORCE, or PPO-clip when a rollout batch is split into several optimizer steps.
 
 Every objective returns the per-token loss ``[B, T]`` (0 outside the loss mask) and, for the support
-diagnostics, the student's full-vocabulary log-probs on the support (detached). When the LM head is
-not fused, those are exact; in the fused path they use π_old's log-normaliser from the student pass
-(exact at the first optimizer step on a batch, where π_θ = π_old).
+diagnostics, the student's full-vocabulary log-probs on the support (detached). The fused path forms only
+K logits, so it turns them into log-probs with π_old's log-normaliser from the student pass: exact at the
+first optimizer step on a batch (π_θ = π_old), which is where the trainer reads them.
 """
 
 from __future__ import annotations

@@ -130,3 +130,25 @@ def test_fused_bad_input_names_the_argument(change, needle):
         change(a)
     with pytest.raises(InputError, match=needle):
         support_kl_from_hidden(**a, **chunk)
+
+
+def test_value_and_gradient_in_float32_under_autocast():
+    """Inside a bf16 autocast region the fused loss still computes in float32, in both passes: its value
+    and gradient equal the float32 results outside autocast (the dense loss under autocast does not)."""
+    torch.manual_seed(0)
+    N, H, V, K = 6, 16, 40, 5
+    hidden = torch.randn(N, H, dtype=torch.float32, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.float32, requires_grad=True)
+    ids = torch.stack([torch.randperm(V)[:K] for _ in range(N)])
+    teacher = torch.log_softmax(torch.randn(N, K), -1) - 0.5
+    mask = torch.ones(N, dtype=torch.bool)
+
+    def run(autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = support_kl_from_hidden(hidden, weight, ids, teacher, mask, chunk_size=4).sum()
+        gh, gw = torch.autograd.grad(loss, (hidden, weight))
+        return loss.detach(), gh, gw
+
+    ref, inside = run(False), run(True)
+    for a, b in zip(ref, inside, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

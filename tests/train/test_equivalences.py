@@ -28,6 +28,8 @@ def _cfg(dirs, **over):
         "run.save_every": 0, "run.tensorboard": False,
     }
     base.update(over)
+    if base.get("objective.kind") == "full_reverse_kl":  # its support is the whole vocabulary: no K
+        base.pop("objective.top_k")
     return load_config(None, base)
 
 

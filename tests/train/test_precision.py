@@ -42,6 +42,9 @@ def test_bf16_updates_move_the_float32_master_weights(tmp_path, tiny_model_dirs)
 
     exported = load_file(str(result.final_dir / "model.safetensors"))
     assert {t.dtype for t in exported.values()} == {torch.bfloat16}  # exported in the dtype it was loaded in
+    import json
+
+    assert json.loads((result.final_dir / "config.json").read_text())["dtype"] == "bfloat16"  # and says so
     moved = changed_in_bf16 = total = 0
     for n, p in trainer.student.named_parameters():
         has_grad = grads[n] != 0

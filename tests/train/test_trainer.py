@@ -35,6 +35,8 @@ def _cfg(dirs, **over):
         "run.tensorboard": False,
     }
     base.update(over)
+    if base.get("objective.kind") == "full_reverse_kl":  # its support is the whole vocabulary: no K
+        base.pop("objective.top_k")
     return load_config(None, base)
 
 
@@ -80,7 +82,7 @@ def test_two_steps_of_every_objective(tmp_path, tiny_model_dirs, over):
 
 
 def test_resume_after_interruption_gives_identical_metrics(tmp_path, tiny_model_dirs):
-    cfg = _cfg(tiny_model_dirs, **{"optim.total_steps": 4, "run.save_every": 2})
+    cfg = _cfg(tiny_model_dirs, **{"optim.total_steps": 4, "run.save_every": 2, "run.tensorboard": True})
     Trainer(cfg, tmp_path / "straight", prompts=PROMPTS, progress=False).run()
 
     class Kill(Exception):
@@ -104,6 +106,12 @@ def test_resume_after_interruption_gives_identical_metrics(tmp_path, tiny_model_
     # and the weights are the same
     pa, pb = _params(tmp_path / "straight" / "final"), _params(resumed.final_dir)
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
+    # TensorBoard shows each step once: step 3, logged before the kill, was purged on resume
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "killed" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
 
 
 def test_nan_teacher_signal_is_skipped_and_counted_then_aborts(tmp_path, tiny_model_dirs):
@@ -202,6 +210,45 @@ def test_lora_trains_only_adapters_and_exports_a_merged_model(tmp_path, tiny_mod
     assert set(before) == set(after)  # a plain model: adapters merged, no lora_ names
     changed = [n for n in before if not torch.equal(before[n], after[n])]
     assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)
+
+
+def test_lora_runs_are_reproducible(tmp_path, tiny_model_dirs):
+    """The adapters' random initialisation is seeded by run.seed: two runs give the same weights."""
+    cfg = _cfg(tiny_model_dirs, **{"model.lora_r": 4, "model.lora_target_modules": ["q_proj", "v_proj"]})
+    a = Trainer(cfg, tmp_path / "a", prompts=PROMPTS, progress=False).run()
+    b = Trainer(cfg, tmp_path / "b", prompts=PROMPTS, progress=False).run()
+    pa, pb = _params(a.final_dir), _params(b.final_dir)
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+
+
+def test_student_support_mass_is_a_probability_with_several_mini_batches(tmp_path, tiny_model_dirs):
+    """With the whole vocabulary as the support the student's mass on it is 1, also for the fused loss
+    with two optimizer steps per batch (it is measured where the weights are still pi_old's)."""
+    from opdkit.hf import load_causal_lm
+
+    rows = load_causal_lm(tiny_model_dirs["qwen2"]).get_output_embeddings().weight.shape[0]
+    for fused in (True, False):
+        cfg = _cfg(tiny_model_dirs, **{"objective.top_k": rows, "optim.mini_batches": 2, "optim.total_steps": 3,
+                                       "objective.fused": fused, "run.save_every": 0})
+        result = Trainer(cfg, tmp_path / f"run{fused}", prompts=PROMPTS, progress=False).run()
+        masses = [r["student_support_mass"] for r in read_metrics(result.run_dir)]
+        assert masses == pytest.approx([1.0] * 3, abs=1e-5), (fused, masses)
+
+
+def test_eval_settings_without_an_eval_set_are_refused(tmp_path, tiny_model_dirs):
+    with pytest.raises(OpdkitError, match="eval.every_steps, eval.n_samples: set, but there is nothing to evaluate"):
+        Trainer(_cfg(tiny_model_dirs, **{"eval.every_steps": 5, "eval.n_samples": 4}), tmp_path / "run",
+                prompts=PROMPTS, progress=False)
+
+
+def test_evaluation_steps_are_logged_whatever_log_every(tmp_path, tiny_model_dirs):
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a} + 1?", "answer": str(a + 1)}) + "\n" for a in range(3)))
+    cfg = _cfg(tiny_model_dirs, **{"optim.total_steps": 4, "run.log_every": 3, "eval.every_steps": 2,
+                                   "data.eval_path": str(data), "eval.max_new_tokens": 4, "run.save_every": 0})
+    rows = read_metrics(Trainer(cfg, tmp_path / "run", prompts=PROMPTS, progress=False).run().run_dir)
+    assert [r["step"] for r in rows] == [2, 3, 4]
+    assert [r.get("eval_accuracy") is not None for r in rows] == [True, False, True]
 
 
 def test_lora_on_the_lm_head_trains_the_adapter(tmp_path, tiny_model_dirs):

@@ -180,6 +180,42 @@ def _check_combinations(cfg: Config, origins: Mapping[str, str], source: str) ->
         )
     if t.path is not None and t.url is not None:
         raise _error(where("teacher.url", "teacher.path"), "set teacher.path or teacher.url, not both")
+    _check_inert(cfg, where)
+
+
+def _inert_rules(cfg: Config) -> list[tuple[str, bool, str]]:
+    """``(key, inert, why)``: settings that nothing reads in this configuration (see _check_inert)."""
+    o, m = cfg.objective, cfg.model
+    pg = o.kind == "sampled_token"
+    skl = o.kind == "support_kl"
+    return [
+        ("objective.gamma", not pg, "it acts only with objective.kind=sampled_token"),
+        ("objective.reward_clip", not pg, "it acts only with objective.kind=sampled_token"),
+        ("objective.ppo_clip_eps", not (pg and cfg.optim.mini_batches > 1),
+         "it acts only with objective.kind=sampled_token and optim.mini_batches > 1 (PPO clipping)"),
+        ("objective.support", not skl, "it acts only with objective.kind=support_kl"),
+        ("objective.renormalize", not skl, "it acts only with objective.kind=support_kl"),
+        ("objective.divergence", not skl, "it acts only with objective.kind=support_kl"),
+        ("objective.tail_bucket", not skl, "it acts only with objective.kind=support_kl"),
+        ("objective.fused", not skl, "it acts only with objective.kind=support_kl"),
+        ("objective.jsd_beta", not (skl and o.divergence == "jsd"), "it acts only with objective.divergence=jsd"),
+        ("objective.top_k", o.kind == "full_reverse_kl", "the full reverse KL's support is the whole vocabulary"),
+        ("objective.drop_special_from_support", o.kind == "full_reverse_kl" or o.special_tokens == [],
+         "it acts only on support sets of a top-K objective, with objective.special_tokens not empty"),
+        ("objective.special_token_mode", o.special_tokens == [], "objective.special_tokens is empty"),
+        ("model.lora_alpha", m.lora_r == 0, "it acts only with model.lora_r > 0"),
+        ("model.lora_dropout", m.lora_r == 0, "it acts only with model.lora_r > 0"),
+        ("model.lora_target_modules", m.lora_r == 0, "it acts only with model.lora_r > 0"),
+    ]
+
+
+def _check_inert(cfg: Config, where) -> None:
+    """A setting changed from its default where nothing reads it is refused, not silently ignored."""
+    for key, inert, why in _inert_rules(cfg):
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        if inert and value != getattr(_SECTIONS[section](), name):
+            raise _error(where(key), f"{key} = {value!r} has no effect here: {why}; remove it or change that setting")
 
 
 def _build(raw: Any, origins: Mapping[str, str], source: str) -> Config:

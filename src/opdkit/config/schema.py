@@ -155,7 +155,8 @@ class OptimConfig:
     grad_clip: float | None = _f(1.0, "clip the global gradient norm to this; null = no clip", gt=0)
     schedule: str = _f("constant", "learning-rate schedule after warmup", choices=("constant", "cosine"))
     warmup_steps: int = _f(
-        0, "training steps (rollout batches) of linear warm-up, at most total_steps; x mini_batches optimizer steps",
+        0, "training steps (rollout batches) of linear warm-up from 0 (x mini_batches optimizer steps), at most "
+        "total_steps",
         ge=0,
     )
     total_steps: int = _f(100, "training steps, one rollout batch each", ge=1)

@@ -75,7 +75,9 @@ class _SupportFromHidden(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_N_H, weight_V_H, ids_N_K, teacher_N_K, mask_N, opts: _Options):  # noqa: D401
         out_N = torch.empty(hidden_N_H.shape[0], dtype=opts.dtype, device=hidden_N_H.device)
-        with torch.no_grad():
+        # Autocast off in both passes: the forward runs inside the caller's autocast region and the backward
+        # outside it, and a loss whose value and gradient come from different precisions is wrong.
+        with torch.no_grad(), torch.autocast(device_type=hidden_N_H.device.type, enabled=False):
             for s in range(0, hidden_N_H.shape[0], opts.chunk_size):
                 e = s + opts.chunk_size
                 source = weight_V_H[ids_N_K[s:e]] if opts.renormalize else weight_V_H
@@ -96,7 +98,7 @@ class _SupportFromHidden(torch.autograd.Function):
         H = hidden_N_H.shape[-1]
         for s in range(0, hidden_N_H.shape[0], opts.chunk_size):
             e = s + opts.chunk_size
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(device_type=hidden_N_H.device.type, enabled=False):
                 h = hidden_N_H[s:e].detach().requires_grad_(need_h)
                 if opts.renormalize:
                     source = weight_V_H.detach()[ids_N_K[s:e]].requires_grad_(need_w)
@@ -151,7 +153,8 @@ def support_kl_from_hidden(
             ``renormalize=False``).
 
     Returns:
-        ``[...]`` per-token loss in float32 (float64 for float64 inputs); 0 where masked.
+        ``[...]`` per-token loss in float32 (float64 for float64 inputs); 0 where masked. It is computed in
+        that precision in the forward and in the backward pass, also inside an autocast region.
     """
     hidden = check_float("hidden", hidden, min_dim=1)
     weight = check_float("weight", weight)

@@ -135,11 +135,16 @@ def _load_prompts(cfg: Config, prompts):
 
 
 def _build_evaluator(cfg: Config, dist: Dist, generate_fn, eval_problems):
+    from opdkit.config import EvalConfig
     from opdkit.data import load_prompts
     from opdkit.eval import EvalSettings, SamplingEvaluator
 
     if eval_problems is None:
         if cfg.data.eval_path is None:
+            changed = [f"eval.{k}" for k, v in vars(EvalConfig()).items() if getattr(cfg.eval, k) != v]
+            if changed:
+                raise OpdkitError(f"{', '.join(changed)}: set, but there is nothing to evaluate (data.eval_path is "
+                                  "not set); set data.eval_path or remove them")
             return None
         eval_problems = load_prompts(cfg.data.eval_path, prompt_key=cfg.data.prompt_key,
                                      answer_key=cfg.data.answer_key)
@@ -171,7 +176,7 @@ def build_components(
     from opdkit.check import check_pair, require_compatible
     from opdkit.data.prompts import filter_long_prompts
     from opdkit.hf import load_causal_lm, load_tokenizer
-    from opdkit.modeling import output_head, verify_output_head, vocab_rows
+    from opdkit.modeling import causal_lm, output_head, verify_output_head, vocab_rows
     from opdkit.objectives import build_objective
     from opdkit.rollout import build_sampler
     from opdkit.special_tokens import resolve_special_ids
@@ -189,6 +194,9 @@ def build_components(
     )
     dist = Dist(accelerator)
     _check_batch_shape(cfg, dist.world)
+    if dist.is_fsdp and cfg.model.lora_r > 0:
+        raise OpdkitError("model.lora_r > 0 under FSDP is not supported yet (export would need the sharded "
+                          "adapters gathered and merged); use DDP (no --use_fsdp) for LoRA")
     path = Path(dist.broadcast(str(run_dir if run_dir is not None else new_run_dir()) if dist.is_main else None))
     if dist.is_main:
         check_run_dir(path, resume=resume, overwrite=overwrite)
@@ -209,7 +217,9 @@ def build_components(
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora_r > 0:
-        lm = _wrap_lora(lm, cfg)
+        with torch.random.fork_rng(devices=[]):  # the adapters' random init: the same on every process and run
+            torch.manual_seed(cfg.run.seed)
+            lm = _wrap_lora(lm, cfg)
     upcast_trainable(lm)
 
     objective = build_objective(cfg.objective, temperature=cfg.rollout.temperature,
@@ -219,6 +229,16 @@ def build_components(
     teacher_model = load_causal_lm(cfg.teacher.path, dtype=cfg.teacher.dtype,
                                    trust_remote_code=cfg.teacher.trust_remote_code, device=device)
     student_rows = vocab_rows(lm)
+    if objective.request.support != "full" and cfg.objective.top_k > student_rows:
+        raise OpdkitError(f"objective.top_k: {cfg.objective.top_k} is more than the student's vocabulary "
+                          f"({student_rows} output rows)")
+    text_config = causal_lm(lm).config
+    text_config = text_config.get_text_config() if hasattr(text_config, "get_text_config") else text_config
+    max_pos = getattr(text_config, "max_position_embeddings", None)
+    if max_pos is not None and dist.is_main and cfg.rollout.max_new_tokens + cfg.data.max_prompt_tokens > max_pos:
+        log(f"warning: rollout.max_new_tokens + data.max_prompt_tokens = "
+            f"{cfg.rollout.max_new_tokens + cfg.data.max_prompt_tokens} exceeds the student's "
+            f"max_position_embeddings ({max_pos}); long responses will run past what it was trained on")
     report = check_pair(tokenizer, teacher_tok, student_rows=student_rows, teacher_rows=vocab_rows(teacher_model),
                         student=cfg.model.path, teacher=cfg.teacher.path)
     require_compatible(report)

@@ -108,6 +108,7 @@ class Trainer:
         self.c = build_components(cfg, run_dir, prompts=prompts, eval_problems=eval_problems, evaluator=evaluator,
                                   resume=resume, overwrite=overwrite, log=log)
         self.cfg, self.run_dir = cfg, self.c.run_dir
+        self.resumed = resume
         self.progress = progress
         self.log = log if self.c.dist.is_main else (lambda _msg: None)
         self.last_step: StepRecord | None = None
@@ -159,6 +160,8 @@ class Trainer:
         if ckpt is None:
             if dist.is_main:
                 truncate_metrics(self.run_dir, -1)
+            if self.resumed:
+                self.log(f"opdkit: {self.run_dir} has no checkpoint yet: starting from step 0")
             return 0, {}
         state = load_checkpoint(ckpt, accelerator=self.c.accelerator)
         if dist.is_main:
@@ -180,7 +183,9 @@ class Trainer:
         prompt_counter = int(counters.get("prompt_counter", 0))
         skipped_total = int(counters.get("skipped_steps", 0))
         consecutive = int(counters.get("consecutive_skipped", 0))
-        logger = MetricsLogger(self.run_dir, tensorboard=cfg.run.tensorboard) if dist.is_main else None
+        logger = None
+        if dist.is_main:
+            logger = MetricsLogger(self.run_dir, tensorboard=cfg.run.tensorboard, from_step=start + 1)
         bar = None
         if self.progress and dist.is_main:
             from tqdm.auto import tqdm
@@ -204,9 +209,10 @@ class Trainer:
                 metrics.update(step=step + 1, skipped_steps=skipped_total)
                 done = step + 1 == cfg.optim.total_steps
                 every = cfg.eval.every_steps
-                if self.c.evaluator is not None and ((every and (step + 1) % every == 0) or done):
+                evaluated = self.c.evaluator is not None and ((every and (step + 1) % every == 0) or done)
+                if evaluated:
                     self._evaluate(step + 1, metrics)
-                if logger is not None and ((step + 1) % cfg.run.log_every == 0 or done):
+                if logger is not None and ((step + 1) % cfg.run.log_every == 0 or done or evaluated):
                     logger.log(metrics)
                 if on_step is not None:
                     on_step(step + 1, metrics, self)
@@ -230,6 +236,8 @@ class Trainer:
             if logger is not None:
                 logger.close()
         final = self.export()
+        if dist.world > 1:  # leave the process group cleanly (gloo can abort at exit otherwise)
+            self.c.accelerator.end_training()
         return TrainResult(self.run_dir, cfg.optim.total_steps, skipped_total, final, metrics)
 
     def export(self) -> Path | None:
@@ -255,12 +263,26 @@ class Trainer:
             if tmp.exists():
                 shutil.rmtree(tmp)
             model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+            if dtype != torch.float32:
+                # save_pretrained named the master weights' float32; the file holds `dtype`
+                _set_config_dtype(tmp / "config.json", dtype)
             self.c.tokenizer.save_pretrained(tmp)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
         dist.barrier()
         return final
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    import json
+
+    config = json.loads(path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in config or key == "dtype":
+            config[key] = name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def train(cfg: Config, run_dir: str | Path | None, **kwargs) -> TrainResult:

@@ -53,8 +53,7 @@ METRICS: dict[str, MetricSpec] = {
     "k1": _m("mean log pi_old - log q on the sampled token: a reverse-KL estimate"),
     "teacher_support_mass": _m("teacher probability mass on the support set"),
     "student_support_mass": _m(
-        "student probability mass on the support set (fused loss: with pi_old's normaliser, exact at the first "
-        "optimizer step on a batch)"
+        "student (pi_old) probability mass on the support set, over the responses of the step's first mini-batch"
     ),
     "sampled_outside_support_frac": _m("fraction of sampled tokens outside the support set"),
     "entropy": _m("student entropy (nats) at response tokens"),
@@ -176,7 +175,9 @@ def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
 class MetricsLogger:
     """Append one JSON object per step; mirror the numbers to TensorBoard when enabled."""
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, from_step: int = 1):
+        """``from_step``: the first step this logger will write (a resumed run's TensorBoard events from that
+        step on, written before the interruption, are discarded, as ``truncate_metrics`` does for the JSONL)."""
         self.path = Path(run_dir) / METRICS_FILE
         self._tb = None
         if tensorboard:
@@ -185,7 +186,8 @@ class MetricsLogger:
             except ImportError as exc:  # a dependency of opdkit; a broken install should say what is missing
                 msg = "run.tensorboard=true needs the tensorboard package (pip install tensorboard)"
                 raise RuntimeError(msg) from exc
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
+                                     purge_step=from_step if from_step > 1 else None)
 
     def log(self, row: dict[str, Any]) -> None:
         clean = {k: _clean(v) for k, v in row.items()}

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from opdkit.losses import aggregate, masked_mean, opd_diagnostics, special_token_mask
+from opdkit.losses import aggregate, masked_mean, opd_diagnostics, special_token_mask, support_mass
 from opdkit.objectives import LossInputs
 from opdkit.rollout.seeding import trajectory_seed
 from opdkit.student import student_pass
@@ -185,7 +185,7 @@ def run_step(c, step: int, records: list, positions: list[int], *, keep_record: 
         metrics.set(k, v)
     metrics.max("time_update_s", time.perf_counter() - t3)
 
-    _diagnostics(c, metrics, batch, sp, signal, loss_mask, support_lp if finite else None, finite)
+    _diagnostics(c, metrics, batch, sp, signal, loss_mask, support_lp if finite else None, plan.minis[0], finite)
     n_resp = float(batch.response_mask_B_T.sum())
     metrics.mean("response_length", n_resp, B)
     metrics.mean("truncation_rate", sum(r == FINISH_LENGTH for r in batch.finish_reason), B)
@@ -196,8 +196,13 @@ def run_step(c, step: int, records: list, positions: list[int], *, keep_record: 
     return metrics, record
 
 
-def _diagnostics(c, metrics: StepMetrics, batch, sp: StudentPass, signal, loss_mask, support_lp, finite: bool):
-    """METHOD.md's diagnostics as local sums and counts (reduced over processes by the caller)."""
+def _diagnostics(c, metrics: StepMetrics, batch, sp: StudentPass, signal, loss_mask, support_lp, first, finite: bool):
+    """METHOD.md's diagnostics as local sums and counts (reduced over processes by the caller).
+
+    ``support_lp``: the student's log-probs on the support from the first mini-batch's forward pass (rows
+    ``first``), where the weights are still π_old's: the student's support mass is measured there, on a
+    random subset of the step's responses (later mini-batches see updated weights).
+    """
     n_loss = float(loss_mask.sum())
     resp = batch.response_mask_B_T.bool()
     metrics.mean("entropy", float(masked_mean(sp.entropy_B_T, resp)) * float(resp.sum()), float(resp.sum()))
@@ -206,8 +211,11 @@ def _diagnostics(c, metrics: StepMetrics, batch, sp: StudentPass, signal, loss_m
     kw = dict(sampled_ids=batch.sampled_ids_B_T, old_logprobs=sp.old_logprobs_B_T,
               teacher_sampled_logprobs=signal.sampled_logprobs_B_T)
     if c.objective.support_diagnostics:
-        kw.update(support_ids=signal.support_ids_B_T_K, teacher_support_logprobs=signal.teacher_logprobs_B_T_K,
-                  student_support_logprobs=support_lp)
+        kw.update(support_ids=signal.support_ids_B_T_K, teacher_support_logprobs=signal.teacher_logprobs_B_T_K)
+        if support_lp is not None:
+            m = loss_mask[first[0] : first[1]]
+            n = float(m.sum())
+            metrics.mean("student_support_mass", float(support_mass(support_lp, m)) * n, n)
     diag = opd_diagnostics(loss_mask, **kw)
     for name, value in diag.items():
         if name != "reward_skew":
@@ -219,7 +227,8 @@ def _diagnostics(c, metrics: StepMetrics, batch, sp: StudentPass, signal, loss_m
 
 
 def _update(c, plan: StepPlan, batch, sp: StudentPass, signal, loss_mask, metrics: StepMetrics):
-    """One optimizer step per mini-batch; returns the student's support log-probs and the step's flags."""
+    """One optimizer step per mini-batch; returns the student's support log-probs of the first mini-batch
+    (``None`` when the objective has none) and the step's flags."""
     cfg, dist, acc = c.cfg, c.dist, c.accelerator
     o, opt = cfg.objective, cfg.optim
     c.module.train()
@@ -257,7 +266,7 @@ def _update(c, plan: StepPlan, batch, sp: StudentPass, signal, loss_mask, metric
                 loss = loss * (o.loss_coef * weight)
                 acc.backward(loss)
             total += float(loss.detach())
-            if weight:
+            if weight and start == plan.minis[0][0]:  # the first mini-batch: still π_old's weights
                 support_parts.append(None if support_lp is None else support_lp.detach())
         norm = float(acc.clip_grad_norm_(params, max_norm))
         if math.isfinite(norm):
