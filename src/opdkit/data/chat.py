@@ -22,8 +22,8 @@ def render_chat_text(tokenizer, messages: Sequence[Mapping[str, str]], *, add_ge
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or "<tokenizer>"
         raise InputError(
-            f"tokenizer '{name}': has no chat template, so chat prompts cannot be rendered "
-            "(set a chat template, or pass raw string prompts)"
+            f"tokenizer '{name}': has no chat template, so chat prompts cannot be rendered (add one to the "
+            "tokenizer: a chat_template in tokenizer_config.json or a chat_template.jinja file)"
         )
     return tokenizer.apply_chat_template(
         [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt

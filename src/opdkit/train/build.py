@@ -14,6 +14,7 @@ different numbers of forward passes (their micro-batches and responses differ).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,17 @@ def refuse_unsupported(cfg: Config) -> None:
         raise OpdkitError("teacher.url: a remote teacher is not supported yet; set teacher.path to a local model")
     if cfg.model.path is None or cfg.teacher.path is None:
         raise OpdkitError("model.path and teacher.path must be set to train")
+
+
+@contextlib.contextmanager
+def _naming(key: str):
+    """Prefix a model-loading error with the config key that named the directory."""
+    from opdkit.hf import ModelLoadError
+
+    try:
+        yield
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{key}: {exc}") from None
 
 
 def _check_batch_shape(cfg: Config, world: int) -> None:
@@ -205,9 +217,10 @@ def build_components(
     device = accelerator.device
 
     records = _load_prompts(cfg, prompts)
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    lm = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                        device=device)
+    with _naming("model.path"):
+        tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        lm = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                            device=device)
     verify_output_head(lm)
     load_dtype = next((p.dtype for p in lm.parameters() if p.is_floating_point()), torch.float32)
     if cfg.model.gradient_checkpointing:
@@ -225,9 +238,10 @@ def build_components(
     objective = build_objective(cfg.objective, temperature=cfg.rollout.temperature,
                                 chunk_size=cfg.model.logits_chunk_size)
     special_ids = resolve_special_ids(tokenizer, cfg.objective.special_tokens)
-    teacher_tok = load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
-    teacher_model = load_causal_lm(cfg.teacher.path, dtype=cfg.teacher.dtype,
-                                   trust_remote_code=cfg.teacher.trust_remote_code, device=device)
+    with _naming("teacher.path"):
+        teacher_tok = load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
+        teacher_model = load_causal_lm(cfg.teacher.path, dtype=cfg.teacher.dtype,
+                                       trust_remote_code=cfg.teacher.trust_remote_code, device=device)
     student_rows = vocab_rows(lm)
     if objective.request.support != "full" and cfg.objective.top_k > student_rows:
         raise OpdkitError(f"objective.top_k: {cfg.objective.top_k} is more than the student's vocabulary "
