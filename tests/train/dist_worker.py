@@ -1,6 +1,7 @@
 """A training run for the multi-process tests: ``torchrun --nproc_per_node N tests/train/dist_worker.py SPEC``.
 
-SPEC is a JSON file: ``{"overrides": {...}, "prompts": [...], "out": DIR, "resume": bool}``. The run is a
+SPEC is a JSON file: ``{"overrides": {...}, "prompts": [...], "run_dir": DIR, "resume": bool}``, optionally
+``"die_after_step": N, "die_rank": R`` (process R kills itself with SIGKILL once step N is logged). The run is a
 real ``Trainer``; the only additions are observers: one on the optimizer's ``step`` that records the
 gradient of every trainable parameter before the first optimizer step (rank 0 writes them to
 ``RUN_DIR/grads.safetensors``), and one that lists the student module's forward passes of each process
@@ -10,6 +11,8 @@ gradient of every trainable parameter before the first optimizer step (rank 0 wr
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -51,7 +54,12 @@ def main(spec_path: str) -> None:
         return forward(fn, *args, **kwargs)
 
     student.forward = counted_forward
-    trainer.run()
+
+    def on_step(step, metrics, tr):  # a process that dies at a chosen moment (as a real crash would)
+        if step == spec.get("die_after_step") and tr.c.dist.rank == spec.get("die_rank", 0):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer.run(on_step=on_step)
     rank = trainer.c.dist.rank
     (Path(spec["run_dir"]) / f"forwards-{rank}.json").write_text(json.dumps(calls))
     if trainer.c.dist.is_main and grads:
