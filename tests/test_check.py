@@ -14,7 +14,8 @@ from opdkit.check import (
     run_check,
 )
 from opdkit.errors import OpdkitError
-from opdkit.special_tokens import render_template
+from opdkit.hf import load_tokenizer
+from opdkit.special_tokens import DRY_RUN_CONVERSATION, render_template
 from opdkit.tiny import CHATML_TEMPLATE, build_tiny_model, save_model_dir, train_tokenizer
 from tests.tiny_models import corpus
 
@@ -117,8 +118,8 @@ def test_template_difference_is_soft_and_shows_both():
 
 def _make_token_improbable(model, tok, token: str, target: float = -60.0):
     """Set the teacher's output row of ``token`` so that its logit is ``target`` after every position of the
-    student's rendering of the sample conversation (solved exactly: the hidden states do not depend on it)."""
-    text = render_template(tok)
+    student's rendering of the dry-run conversation (solved exactly: the hidden states do not depend on it)."""
+    text = render_template(tok, DRY_RUN_CONVERSATION)
     ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
     with torch.no_grad():
         h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]  # [T, H], after the final norm
@@ -127,7 +128,7 @@ def _make_token_improbable(model, tok, token: str, target: float = -60.0):
     return ids
 
 
-def test_teacher_finds_template_token_improbable(root, student_dir):
+def test_teacher_finds_a_response_format_token_improbable(root, student_dir):
     from opdkit.hf import load_causal_lm, load_tokenizer
 
     # the student's tokenizer as loaded from its directory (the loaded class may segment text differently
@@ -135,35 +136,82 @@ def test_teacher_finds_template_token_improbable(root, student_dir):
     s_tok = load_tokenizer(student_dir)
     t_tok = _tok()
     model = build_tiny_model(t_tok, seed=3)
-    _make_token_improbable(model, s_tok, "<|im_start|>")
+    ids = _make_token_improbable(model, s_tok, "<|im_end|>")
     t_dir = save_model_dir(model, t_tok, root / "improbable")
 
-    # setup check: after reloading, the teacher really gives <|im_start|> a tiny log-prob
+    # setup check: after reloading, the teacher gives <|im_end|> a tiny log-prob wherever it occurs: at the
+    # end of the user's turn (prompt) and at the end of the answer (response)
     reloaded = load_causal_lm(t_dir)
-    ids = torch.tensor([s_tok.encode(render_template(s_tok), add_special_tokens=False)])
     with torch.no_grad():
         logp = torch.log_softmax(reloaded(input_ids=ids).logits[0], -1)
-    im_start = s_tok.convert_tokens_to_ids("<|im_start|>")
-    positions = [k for k in range(1, ids.shape[1]) if ids[0, k] == im_start]
-    assert positions and all(logp[k - 1, im_start] < -30 for k in positions)
+    im_end = s_tok.convert_tokens_to_ids("<|im_end|>")
+    positions = [k for k in range(1, ids.shape[1]) if ids[0, k] == im_end]
+    assert len(positions) == 2 and all(logp[k - 1, im_end] < -30 for k in positions)
 
     report = run_check(student_dir, t_dir)
     assert report.ok  # improbable template tokens are soft
     flagged = report.improbable_tokens
-    assert [t.position for t in flagged] == positions
-    assert all(t.token == "<|im_start|>" and t.is_template and t.logprob < DEFAULT_MIN_LOGPROB for t in flagged)
-    assert report.recommended_special_tokens == ["<|im_start|>"]
+    assert [t.position for t in flagged] == positions[1:]  # only the response's, not the prompt's
+    assert all(t.token == "<|im_end|>" and t.judged and t.logprob < DEFAULT_MIN_LOGPROB for t in flagged)
+    assert report.recommended_special_tokens == ["<|im_end|>"]
     assert any("improbable" in w for w in report.warnings)
     text = report.format()
-    assert "teacher finds improbable" in text and "['<|im_start|>']" in text
+    assert "teacher finds improbable" in text and "['<|im_end|>']" in text
 
 
-def test_content_tokens_are_not_template_tokens(tiny_model_dirs):
-    report = run_check(tiny_model_dirs["qwen2"], tiny_model_dirs["qwen2"])
+def test_only_the_response_format_is_judged(tiny_model_dirs):
+    report = run_check(tiny_model_dirs["qwen2"], tiny_model_dirs["llama"])
+    judged = "".join(t.token for t in report.dry_run if t.judged)
     template = "".join(t.token for t in report.dry_run if t.is_template)
-    content = "".join(t.token for t in report.dry_run if not t.is_template)
-    assert content == "What is 12 + 30?12 + 30 = 42. The answer is 42."
+    assert "".join(t.token for t in report.dry_run) == render_template(
+        load_tokenizer(tiny_model_dirs["qwen2"]), DRY_RUN_CONVERSATION)
     assert template == "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n"
+    # the answer's reasoning tags and the turn's end; never the prompt's template tokens or any content
+    assert judged.startswith("<think") and "</think>" in judged and judged.endswith("<|im_end|>\n")
+    assert "user" not in judged and "12" not in judged and "answer" not in judged
+
+
+def test_a_system_prompt_the_teacher_finds_improbable_is_not_recommended(root, student_dir):
+    """Real chat pairs differ in their default system prompts (Qwen2.5's 'You are Qwen, created by ...'); its
+    words are improbable to a teacher only because they open a sequence, and they never enter the loss."""
+    from opdkit.hf import load_tokenizer
+
+    system = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are Qwen, created by Alibaba "
+              "Cloud.<|im_end|>\n{% endif %}")
+    s_tok = _tok(chat_template=system + CHATML_TEMPLATE)
+    s_dir = save_model_dir(build_tiny_model(s_tok, seed=0), s_tok, root / "student_sys")
+    t_tok = _tok(chat_template=system.replace("You are Qwen, created by Alibaba Cloud.", "Be helpful.")
+                 + CHATML_TEMPLATE)
+    model = build_tiny_model(t_tok, seed=4)
+    loaded = load_tokenizer(s_dir)
+    word = next(p for p in loaded.convert_ids_to_tokens(loaded.encode(" created", add_special_tokens=False)))
+    _make_token_improbable(model, loaded, word)
+    t_dir = save_model_dir(model, t_tok, root / "teacher_sys")
+    report = run_check(s_dir, t_dir)
+    low = [t for t in report.dry_run if t.token.strip() == word.replace("Ġ", "").strip() and t.logprob is not None
+           and t.logprob < DEFAULT_MIN_LOGPROB]
+    assert low and not any(t.judged for t in low)  # the teacher does find it improbable, in the prompt
+    assert report.recommended_special_tokens == [] and not report.improbable_tokens
+
+
+def test_an_identical_pair_is_noted(tiny_model_dirs, tmp_path):
+    import shutil
+
+    report = run_check(tiny_model_dirs["qwen2"], tiny_model_dirs["qwen2"])
+    assert report.ok and "the same directory" in report.warnings[0]
+    copy = shutil.copytree(tiny_model_dirs["qwen2"], tmp_path / "copy")
+    assert "identical weights" in run_check(tiny_model_dirs["qwen2"], copy).warnings[0]
+    assert not any("itself" in w for w in run_check(tiny_model_dirs["qwen2"], tiny_model_dirs["llama"]).warnings)
+
+
+def test_differing_vocabularies_skip_the_dry_run(root, student_dir):
+    t_dir = save_model_dir(build_tiny_model(_tok(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                                                                 "<extra>")), seed=1),
+                           _tok(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra>")),
+                           root / "extra_teacher")
+    report = run_check(student_dir, t_dir)
+    assert not report.ok and report.dry_run == []
+    assert any("dry-run rollout was skipped: the vocabularies differ" in n for n in report.notes)
 
 
 def test_segmentation_difference_is_soft(tiny_model_dirs):
@@ -190,5 +238,7 @@ def test_report_to_dict_is_json_serialisable(tiny_model_dirs):
 def test_missing_directory_is_a_clear_error(tmp_path, tiny_model_dirs):
     from opdkit.hf import ModelLoadError
 
-    with pytest.raises(ModelLoadError, match="no such directory"):
+    with pytest.raises(ModelLoadError, match="^student: tokenizer .*no such directory"):
         run_check(tmp_path / "nope", tiny_model_dirs["llama"])
+    with pytest.raises(ModelLoadError, match="^teacher: tokenizer .*no such directory"):
+        run_check(tiny_model_dirs["llama"], tmp_path / "nope")

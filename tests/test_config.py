@@ -144,7 +144,8 @@ def test_optional_bounds_allow_null():
         ("run.tensorboard=1", "run.tensorboard: expected bool, got int 1"),
         ("rollout.stop=stop", "rollout.stop: expected list[str], got str 'stop'"),
         ("rollout.stop_ids=[true]", "rollout.stop_ids: expected list[int], got list [True]"),
-        ("objective.special_tokens=[1]", "objective.special_tokens: expected list[str] or null, got list [1]"),
+        ("objective.special_tokens=[1.5]",
+         "objective.special_tokens: expected list[str or int] or null, got list [1.5]"),
     ],
 )
 def test_wrong_type_names_key_and_expected_type(override, message):

@@ -40,38 +40,39 @@ def test_empty_list_means_no_masking(tiny_tokenizer):
     assert resolve_special_ids(tiny_tokenizer, []) == []
 
 
-def test_explicit_strings_use_every_id_of_the_encoding(tiny_tokenizer):
+def test_each_entry_is_one_token_or_an_id(tiny_tokenizer):
     tok = tiny_tokenizer
-    ids = resolve_special_ids(tok, ["<", "think", "<|im_end|>"])
-    expected = []
-    for s in ("<", "think", "<|im_end|>"):
-        for i in tok.encode(s, add_special_tokens=False):
-            if i not in expected:
-                expected.append(i)
-    assert ids == expected
-    assert tok.convert_tokens_to_ids("<|im_end|>") in ids
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = resolve_special_ids(tok, ["<", "think", "<|im_end|>", im_end, "<"])
+    assert ids == [tok.encode("<", add_special_tokens=False)[0], tok.encode("think", add_special_tokens=False)[0],
+                   im_end]  # in order, deduplicated (the id and the text of <|im_end|> are one entry)
 
 
-def test_multi_token_string_and_dedupe(tiny_tokenizer):
-    tok = tiny_tokenizer
-    enc = tok.encode("<think>", add_special_tokens=False)
-    assert len(enc) > 1  # split into ordinary sub-tokens
-    ids = resolve_special_ids(tok, ["<think>", "<", "<think>"])
-    assert ids[: len(enc)] == list(dict.fromkeys(enc))
-    assert len(ids) == len(set(ids))
+@pytest.mark.parametrize("entry, pieces", [("<think>", 2), ("<|im_end|", None), ("<nonexistent_tok>", None)])
+def test_a_string_of_several_tokens_is_refused_with_its_pieces(tiny_tokenizer, entry, pieces):
+    """A typo ('<|im_end|') or a multi-token string would mask its unrelated sub-tokens everywhere."""
+    enc = tiny_tokenizer.encode(entry, add_special_tokens=False)
+    assert len(enc) > 1 and (pieces is None or len(enc) == pieces)
+    with pytest.raises(InputError) as err:
+        resolve_special_ids(tiny_tokenizer, ["<|im_end|>", entry])
+    msg = str(err.value)
+    assert msg.startswith(f"objective.special_tokens: {entry!r} is not one token") and f"{len(enc)} token(s)" in msg
+    assert repr(tiny_tokenizer.convert_ids_to_tokens(enc)) in msg
 
 
-@pytest.mark.parametrize("bad", [[""], ["ok", ""]])
+@pytest.mark.parametrize("bad", [[""], ["<|im_end|>", ""]])
 def test_empty_string_error_names_it(tiny_tokenizer, bad):
-    with pytest.raises(InputError, match="''.*no tokens"):
+    with pytest.raises(InputError, match="''.*encodes to 0 token"):
         resolve_special_ids(tiny_tokenizer, bad)
 
 
-def test_non_string_and_bare_string_errors(tiny_tokenizer):
-    with pytest.raises(InputError, match="expected strings"):
-        resolve_special_ids(tiny_tokenizer, [3])
+def test_bad_types_and_ids(tiny_tokenizer):
+    with pytest.raises(InputError, match="expected token strings or ids"):
+        resolve_special_ids(tiny_tokenizer, [3.5])
     with pytest.raises(InputError, match="single string"):
         resolve_special_ids(tiny_tokenizer, "<|im_end|>")
+    with pytest.raises(InputError, match="id 100000 is outside the student's vocabulary"):
+        resolve_special_ids(tiny_tokenizer, [100000])
 
 
 def test_unknown_token_error():
@@ -82,7 +83,7 @@ def test_unknown_token_error():
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="</s>")
     assert resolve_special_ids(tok, ["hello"]) == [1]
-    with pytest.raises(InputError, match="'zebra'.*not in the student vocabulary"):
+    with pytest.raises(InputError, match="'zebra' is not one token.*the unknown token"):
         resolve_special_ids(tok, ["zebra"])
 
 

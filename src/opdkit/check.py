@@ -16,8 +16,11 @@ Soft warnings (training runs; the report says what to mask):
 - chat templates render a sample conversation differently (both renderings are shown);
 - special tokens present on one side only;
 - the tokenizers segment the same text differently (e.g. one tokenizer class splits digits);
-- on a dry-run rollout rendered with the *student's* template, the teacher gives a template token a
-  log-prob below ``min_logprob`` (default ``log(1e-3)``): recommended for masking.
+- on a dry-run rollout rendered with the *student's* template, the teacher gives a token of the student's
+  *response* format (the assistant turn's template tokens, EOS, reasoning tags such as ``<think>``) a
+  log-prob below ``min_logprob`` (default ``log(1e-3)``): recommended for masking. Prompt text (a system
+  prompt, the user turn) is never judged: it is improbable at the start of a sequence for any model and it
+  never enters the loss. With differing vocabularies the dry run is skipped.
 
 Note: a randomly initialised teacher is near-uniform (log-prob ~ ``-log V``), which is above ``log(1e-3)``
 for vocabularies under 1000 tokens and below it for real ones; the threshold is absolute on purpose.
@@ -32,7 +35,13 @@ from pathlib import Path
 
 from opdkit.errors import OpdkitError
 from opdkit.modeling import vocab_rows
-from opdkit.special_tokens import SAMPLE_CONVERSATION, render_template, special_id_set
+from opdkit.special_tokens import (
+    DRY_RUN_CONVERSATION,
+    REASONING_TAGS,
+    SAMPLE_CONVERSATION,
+    render_template,
+    special_id_set,
+)
 
 __all__ = [
     "IncompatibleModelsError",
@@ -63,6 +72,7 @@ class TokenScore:
     logprob: float | None  # None at position 0 (nothing predicts it) or when the teacher cannot score the id
     is_template: bool
     flagged: bool = False
+    judged: bool = False  # part of the student's response format (its template tokens, EOS, reasoning tags)
 
 
 @dataclass
@@ -123,11 +133,12 @@ class CheckReport:
             lines.append("")
         if self.dry_run:
             lines.append(
-                "Dry-run rollout (student template, teacher-forced through the teacher): template tokens, "
-                f"flagged if log-prob < {self.min_logprob:.2f} (p < {math.exp(self.min_logprob):.2g})"
+                "Dry-run rollout (student template, teacher-forced through the teacher): the tokens of the "
+                "student's response format (its template tokens, EOS, reasoning tags), flagged if log-prob < "
+                f"{self.min_logprob:.2f} (p < {math.exp(self.min_logprob):.2g}); prompt text is never judged"
             )
             for t in self.dry_run:
-                if not t.is_template:
+                if not t.judged:
                     continue
                 lp = "     n/a" if t.logprob is None else f"{t.logprob:8.2f}"
                 flag = "   <- teacher finds improbable" if t.flagged else ""
@@ -302,27 +313,48 @@ def _content_spans(text: str, conversation) -> list[tuple[int, int]]:
     return spans
 
 
-def _dry_run(report: CheckReport, s_tok, teacher_model, t_rows, conversation, min_logprob, device) -> list[str]:
-    """Teacher-forced pass over the student's rendering; returns the strings recommended for masking."""
+def _response_candidates(text: str, prompt_text: str | None, ids, offsets, spans, specials) -> list[tuple]:
+    """Per token: ``(is_template, judged)``. Only tokens of the assistant's *response* are judged: its
+    template tokens (the turn's end, EOS) and reasoning tags; never prompt text (a system prompt's words
+    are improbable at the start of a sequence, and they never enter the loss)."""
+    start = len(prompt_text) if prompt_text is not None and text.startswith(prompt_text) else None
+    tags = [(i, i + len(tag)) for tag in REASONING_TAGS for i in _find_all(text, tag)]
+    out = []
+    for k, tid in enumerate(ids):
+        a, b = offsets[k] if offsets is not None else (None, None)
+        template = tid in specials or (a is not None and not any(a < e and s < b for s, e in spans))
+        in_response = start is not None and a is not None and a >= start
+        is_tag = a is not None and any(a < e and s < b for s, e in tags)
+        out.append((template, bool(in_response and (template or is_tag))))
+    return out
+
+
+def _find_all(text: str, needle: str) -> list[int]:
+    found, i = [], text.find(needle)
+    while i >= 0:
+        found.append(i)
+        i = text.find(needle, i + 1)
+    return found
+
+
+def _dry_run(report: CheckReport, s_tok, teacher_model, t_rows, min_logprob, device) -> list[str]:
+    """Teacher-forced pass over the student's rendering of :data:`DRY_RUN_CONVERSATION` (its EOS appended
+    when the template does not end the answer with it); returns the strings recommended for masking."""
     import torch
 
-    text = report.templates.get("student")
+    conversation = list(DRY_RUN_CONVERSATION)
+    text = render_template(s_tok, conversation)
     if text is None:
         return []
+    prompt_text = render_template(s_tok, conversation[:-1], add_generation_prompt=True)
+    eos = getattr(s_tok, "eos_token", None)
+    if eos and eos not in text[len(prompt_text or "") :]:
+        text = text + eos
     enc = s_tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     offsets = enc.get("offset_mapping")
-    spans = _content_spans(text, conversation)
-    specials = special_id_set(s_tok)
-    is_template = []
-    for k, tid in enumerate(ids):
-        if tid in specials:
-            is_template.append(True)
-        elif offsets is not None:
-            a, b = offsets[k]
-            is_template.append(not any(a < e and s < b for s, e in spans))
-        else:
-            is_template.append(False)
+    marks = _response_candidates(text, prompt_text, ids, offsets, _content_spans(text, conversation),
+                                 special_id_set(s_tok))
     rows = t_rows if t_rows is not None else vocab_rows(teacher_model)
     safe = [i if rows is None or i < rows else 0 for i in ids]
     if device is None:
@@ -336,9 +368,10 @@ def _dry_run(report: CheckReport, s_tok, teacher_model, t_rows, conversation, mi
         lp = None
         if k > 0 and (rows is None or tid < rows):
             lp = float(logp[k - 1, tid])
-        flagged = bool(is_template[k] and lp is not None and lp < min_logprob)
+        template, judged = marks[k]
+        flagged = bool(judged and lp is not None and lp < min_logprob)
         piece = s_tok.decode([tid])
-        report.dry_run.append(TokenScore(k, int(tid), piece, lp, is_template[k], flagged))
+        report.dry_run.append(TokenScore(k, int(tid), piece, lp, template, flagged, judged))
         if flagged:
             if not piece.strip():
                 if piece not in whitespace:
@@ -348,15 +381,15 @@ def _dry_run(report: CheckReport, s_tok, teacher_model, t_rows, conversation, mi
     flagged = report.improbable_tokens
     if flagged:
         report.warnings.append(
-            f"the teacher finds {len(flagged)} template token(s) of the student's rendering improbable "
+            f"the teacher finds {len(flagged)} token(s) of the student's response format improbable "
             f"(log-prob < {min_logprob:.2f}): "
             + _examples([f"{t.token!r} at {t.position} ({t.logprob:.2f})" for t in flagged])
             + "; mask them (recommended list below)"
         )
     if whitespace:
         report.notes.append(
-            f"whitespace template tokens {whitespace!r} are also improbable to the teacher; they are not "
-            "recommended for masking because they occur in ordinary text too"
+            f"whitespace tokens {whitespace!r} of the student's response format are also improbable to the "
+            "teacher; they are not recommended for masking because they occur in ordinary text too"
         )
     return recommended
 
@@ -390,8 +423,11 @@ def check_pair(
     rec: list[str] = []
     if eos_differs and student_tokenizer.eos_token:
         rec.append(str(student_tokenizer.eos_token))
-    if teacher_model is not None:
-        for s in _dry_run(report, student_tokenizer, teacher_model, teacher_rows, conversation, min_logprob, device):
+    if teacher_model is not None and report.hard_errors:
+        report.notes.append("the dry-run rollout was skipped: the vocabularies differ, so the teacher cannot score "
+                            "the student's token ids")
+    elif teacher_model is not None:
+        for s in _dry_run(report, student_tokenizer, teacher_model, teacher_rows, min_logprob, device):
             if s not in rec:
                 rec.append(s)
     else:
@@ -410,7 +446,7 @@ def _student_rows(student_dir: str | Path, trust_remote_code: bool) -> int | Non
     except Exception as exc:
         raise ModelLoadError(
             f"model '{student_dir}': config.json could not be loaded ({type(exc).__name__}: {exc})"
-        ) from exc
+        ) from None
     return vocab_rows(cfg)
 
 
@@ -425,13 +461,20 @@ def run_check(
     conversation: Sequence[dict] | None = None,
 ) -> CheckReport:
     """Load both tokenizers, the student's config and the teacher model, and run :func:`check_pair`."""
-    from opdkit.hf import load_causal_lm, load_tokenizer
+    from opdkit.hf import ModelLoadError, load_causal_lm, load_tokenizer
 
-    s_tok = load_tokenizer(student_dir, trust_remote_code=trust_remote_code)
-    t_tok = load_tokenizer(teacher_dir, trust_remote_code=trust_remote_code)
-    s_rows = _student_rows(student_dir, trust_remote_code)
-    teacher_model = load_causal_lm(teacher_dir, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
-    return check_pair(
+    def named(side, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{side}: {exc}") from None
+
+    s_tok = named("student", load_tokenizer, student_dir, trust_remote_code=trust_remote_code)
+    t_tok = named("teacher", load_tokenizer, teacher_dir, trust_remote_code=trust_remote_code)
+    s_rows = named("student", _student_rows, student_dir, trust_remote_code)
+    teacher_model = named("teacher", load_causal_lm, teacher_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                          device=device)
+    report = check_pair(
         s_tok,
         t_tok,
         student_rows=s_rows,
@@ -442,6 +485,31 @@ def run_check(
         min_logprob=min_logprob,
         device=device,
     )
+    same = _same_model(student_dir, teacher_dir)
+    if same:
+        report.warnings.insert(0, f"the student and the teacher are {same}: distilling a model into itself changes "
+                                  "nothing (every divergence is 0)")
+    return report
+
+
+def _same_model(a: str | Path, b: str | Path) -> str | None:
+    """``"the same directory"`` / ``"identical weights"`` when the two model directories are one model."""
+    import hashlib
+
+    pa, pb = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
+    if pa == pb:
+        return "the same directory"
+    files_a = sorted(f.name for f in pa.glob("*.safetensors"))
+    if not files_a or files_a != sorted(f.name for f in pb.glob("*.safetensors")):
+        return None
+    for name in files_a:
+        fa, fb = pa / name, pb / name
+        if fa.stat().st_size != fb.stat().st_size:
+            return None
+        with open(fa, "rb") as x, open(fb, "rb") as y:  # header and first tensors: enough to tell models apart
+            if hashlib.sha256(x.read(1 << 22)).digest() != hashlib.sha256(y.read(1 << 22)).digest():
+                return None
+    return "identical weights (same files)"
 
 
 def require_compatible(report: CheckReport) -> None:

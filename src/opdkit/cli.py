@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from opdkit import __version__
 from opdkit.errors import OpdkitError
@@ -17,9 +18,18 @@ def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from opdkit.config import config_to_yaml, load_config, save_config
+    from opdkit.config import config_to_yaml, explain_config, load_config, save_config
 
+    if args.explain:
+        sys.stdout.write(explain_config())
+        return 0
     path, overrides = _split_config_args(args.items)
+    if args.out:
+        from opdkit.paths import check_output_dir
+
+        check_output_dir(Path(args.out).parent if str(Path(args.out).parent) else ".", "--out's directory")
+        if Path(args.out).is_dir():
+            raise OpdkitError(f"--out '{args.out}': is a directory; give a file name")
     cfg = load_config(path, overrides)
     if args.out:
         save_config(cfg, args.out)
@@ -46,18 +56,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from opdkit.config import load_config
+    from opdkit.interrupt import Interrupted
     from opdkit.train import Trainer
-    from opdkit.train.run_dir import CONFIG_FILE
+    from opdkit.train.run_dir import resume_config
 
     if args.resume:
-        if args.items:
-            raise OpdkitError("--resume continues a run with its own config; drop CONFIG and the overrides")
-        trainer = Trainer(load_config(f"{args.resume}/{CONFIG_FILE}"), args.resume, resume=True)
+        if args.items and "=" not in args.items[0]:
+            raise OpdkitError(f"--resume continues a run with its own config: drop {args.items[0]!r} (only "
+                              "a.b=value overrides of paths and of optim.total_steps are accepted)")
+        cfg, run_dir = resume_config(args.resume, args.items), args.resume
     else:
+        if args.checkpoint is not None:
+            raise OpdkitError("--checkpoint goes with --resume RUN_DIR")
         path, overrides = _split_config_args(args.items)
         cfg = load_config(path, overrides)
-        trainer = Trainer(cfg, cfg.run.out_dir, overwrite=cfg.run.overwrite)
-    result = trainer.run()
+        run_dir = cfg.run.out_dir
+    try:
+        trainer = Trainer(cfg, run_dir, resume=bool(args.resume), from_checkpoint=args.checkpoint,
+                          overwrite=cfg.run.overwrite and not args.resume)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted during start-up; nothing was written") from None
+    try:
+        result = trainer.run()
+    except KeyboardInterrupt:
+        last = trainer.last_checkpoint or "none yet"
+        raise Interrupted(f"abandoned on a second signal; the last checkpoint ({last}) stands. Continue with: "
+                          f"opdkit train --resume {trainer.run_dir}") from None
     if trainer.c.dist.is_main:
         print(f"run directory: {result.run_dir}")
         print(f"final model:   {result.final_dir}")
@@ -83,12 +107,30 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return main_run_report(args.rest)
 
 
+def _device(name: str | None, what: str):
+    """A torch device from a user's string, or a clear error (``gpu0`` is not a device; cuda needs CUDA)."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise OpdkitError(f"{what}: {name!r} is not a device (expected cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OpdkitError(f"{what}: {name!r}, but this machine has no usable CUDA GPU (or torch is a CPU build)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise OpdkitError(f"{what}: {name!r}, but there are {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     import json
 
     from opdkit.check import run_check
 
-    report = run_check(args.student, args.teacher, trust_remote_code=args.trust_remote_code, device=args.device)
+    report = run_check(args.student, args.teacher, trust_remote_code=args.trust_remote_code,
+                       device=_device(args.device, "--device"))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     return 0 if report.ok else 1
 
@@ -109,16 +151,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("items", nargs="*", metavar="[CONFIG] [a.b=value ...]")
     p.add_argument("--out", help="write the resolved config to this YAML file")
+    p.add_argument("--explain", action="store_true",
+                   help="print every field with its type, default, allowed values and meaning")
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser(
         "train",
         help="on-policy distillation from a config",
-        description="Train a student by on-policy distillation. CONFIG is a YAML file (see configs/); "
-        "a.b=value overrides any field. --resume RUN_DIR continues an interrupted run from its last checkpoint.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a student by on-policy distillation. CONFIG is a YAML file (see configs/; "
+        "`opdkit config --explain` documents every field); a.b=value overrides any field. --resume RUN_DIR "
+        "continues an interrupted run from its last checkpoint.",
+        epilog="""required settings:
+  model.path        the student: a local Hugging Face causal-LM directory
+  teacher.path      the teacher: a local directory sharing the student's vocabulary (check it with opdkit check)
+  data.train_path   prompts, JSONL, one per line:
+                      {"prompt": "text" | [{"role": "system|user|assistant|tool", "content": "..."}],
+                       "answer": "..." (optional; used by evaluation)}
+                    (field names: data.prompt_key, data.answer_key; data.eval_path has the same format)
+
+where the run goes:
+  run.out_dir (default: a new runs/run-<time>/), created only once everything has loaded. It must be new or
+  empty; run.overwrite=true reuses a directory that opdkit created as a run (removing only its run files).
+  It holds config.yaml, metrics.jsonl, tensorboard/, checkpoints/ and final/ (the trained student).
+
+several processes:  torchrun --standalone --nproc_per_node N -m opdkit.cli train ...  (or accelerate launch)
+exit status: 0 done; 2 bad input (the message names the file, line, key or argument);
+  75 stopped by SIGINT/SIGTERM after saving a checkpoint (continue with --resume RUN_DIR).""",
     )
     p.add_argument("items", nargs="*", metavar="[CONFIG] [a.b=value ...]")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint; a.b=value may then change only "
+                        "paths (model.path, teacher.path, data.*_path), optim.total_steps and bookkeeping")
+    p.add_argument("--checkpoint", type=int, metavar="STEP",
+                   help="with --resume: continue from this checkpoint's step instead of the newest")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -171,9 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from opdkit.interrupt import EXIT_INTERRUPTED, Interrupted
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as exc:
+        print(f"opdkit {args.command}: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"opdkit {args.command}: interrupted", file=sys.stderr)
+        return 130
     except OpdkitError as exc:
         print(f"opdkit {args.command}: error: {exc}", file=sys.stderr)
         return 2

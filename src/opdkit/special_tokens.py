@@ -15,6 +15,8 @@ from typing import Literal
 from opdkit.errors import InputError
 
 __all__ = [
+    "DRY_RUN_CONVERSATION",
+    "REASONING_TAGS",
     "SAMPLE_CONVERSATION",
     "render_template",
     "special_id_set",
@@ -29,6 +31,15 @@ __all__ = [
 SAMPLE_CONVERSATION: tuple[dict[str, str], ...] = (
     {"role": "user", "content": "What is 12 + 30?"},
     {"role": "assistant", "content": "12 + 30 = 42. The answer is 42."},
+)
+
+
+#: The conversation of the pre-flight dry run: the sample answer with reasoning tags, which a reasoning
+#: student writes in its responses and which a tokenizer may split into ordinary sub-tokens.
+REASONING_TAGS: tuple[str, ...] = ("<think>", "</think>")
+DRY_RUN_CONVERSATION: tuple[dict[str, str], ...] = (
+    SAMPLE_CONVERSATION[0],
+    {"role": "assistant", "content": "<think>12 + 30 = 42.</think> The answer is 42."},
 )
 
 
@@ -80,32 +91,42 @@ def default_special_strings(tokenizer, conversation: Sequence[dict] | None = Non
     return out
 
 
-def resolve_special_ids(tokenizer, strings: Sequence[str] | None) -> list[int]:
-    """Configured strings -> student token ids (every id of each string's encoding; deduplicated, in order).
+def resolve_special_ids(tokenizer, entries: Sequence[str | int] | None, *, key: str = "objective.special_tokens",
+                        vocab_size: int | None = None) -> list[int]:
+    """Configured entries -> student token ids (deduplicated, in order).
 
-    ``None`` -> :func:`default_special_strings`; ``[]`` -> ``[]`` (no masking). A string that encodes to
-    nothing, or only to the unknown token, raises :class:`~opdkit.errors.InputError` naming it.
+    Each entry is one token of the student's vocabulary: a string that the tokenizer encodes to exactly one
+    token (``'<|im_end|>'``, ``'think'``, ``' are'``), or an int id below ``vocab_size`` (default: the
+    tokenizer's length). ``None`` -> :func:`default_special_strings`; ``[]`` -> ``[]`` (no masking). Anything
+    else raises :class:`~opdkit.errors.InputError` naming ``key`` and showing how the string tokenizes: a
+    string that is several tokens would otherwise mask unrelated sub-tokens everywhere.
     """
-    if strings is None:
-        strings = default_special_strings(tokenizer)
-    elif isinstance(strings, str):
-        raise InputError(f"special_tokens: expected a list of strings, got the single string {strings!r}")
+    if entries is None:
+        entries = default_special_strings(tokenizer)
+    elif isinstance(entries, (str, bytes)):
+        raise InputError(f"{key}: expected a list of tokens, got the single string {entries!r}")
     unk = getattr(tokenizer, "unk_token_id", None)
+    n = vocab_size if vocab_size is not None else len(tokenizer)
     out: list[int] = []
-    for s in strings:
-        if not isinstance(s, str):
-            raise InputError(f"special_tokens: expected strings, got {s!r} ({type(s).__name__})")
-        ids = _encode(tokenizer, s)
-        if not ids:
-            raise InputError(f"special_tokens: {s!r} encodes to no tokens with the student tokenizer")
-        if unk is not None and unk in ids:
-            raise InputError(
-                f"special_tokens: {s!r} is not in the student vocabulary (it encodes to the unknown token "
-                f"{tokenizer.unk_token!r})"
-            )
-        for i in ids:
-            if int(i) not in out:
-                out.append(int(i))
+    for s in entries:
+        if isinstance(s, int) and not isinstance(s, bool):
+            if not 0 <= s < n:
+                raise InputError(f"{key}: id {s} is outside the student's vocabulary [0, {n})")
+            tid = s
+        elif isinstance(s, str):
+            ids = _encode(tokenizer, s)
+            if len(ids) != 1 or (unk is not None and ids[0] == unk):
+                pieces = tokenizer.convert_ids_to_tokens(ids) if ids else []
+                raise InputError(
+                    f"{key}: {s!r} is not one token of the student's vocabulary: it encodes to {len(ids)} "
+                    f"token(s) {pieces!r}{' (the unknown token)' if unk in ids else ''}; give a single token or "
+                    "its id (masking every piece would mask unrelated tokens)"
+                )
+            tid = int(ids[0])
+        else:
+            raise InputError(f"{key}: expected token strings or ids, got {s!r} ({type(s).__name__})")
+        if tid not in out:
+            out.append(tid)
     return out
 
 

@@ -154,7 +154,7 @@ def test_run_directory_holding_a_run_is_refused(tmp_path, tiny_model_dirs):
     with pytest.raises(RunDirError, match="already holds a run"):
         Trainer(cfg, tmp_path / "run", prompts=PROMPTS, progress=False)
     Trainer(cfg, tmp_path / "run", prompts=PROMPTS, overwrite=True, progress=False)  # allowed when asked
-    with pytest.raises(RunDirError, match="nothing to resume"):
+    with pytest.raises(RunDirError, match="no such run directory"):
         Trainer(cfg, tmp_path / "empty", prompts=PROMPTS, resume=True, progress=False)
 
 

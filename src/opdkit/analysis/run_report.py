@@ -345,6 +345,10 @@ def run_report(run_dir: str | Path, out_dir: str | Path | None = None, *, plots:
 
     ``run_dir`` is the run directory (holding ``metrics.jsonl``) or the metrics file itself.
     """
+    from opdkit.paths import check_output_dir
+
+    if out_dir is not None:
+        check_output_dir(out_dir, "--out")
     m = load_metrics(run_dir)
     out = Path(out_dir) if out_dir is not None else m.path.parent
     out.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,9 @@ def add_variance_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def variance_from_args(args: argparse.Namespace) -> int:
+    from opdkit.paths import check_output_dir
+
+    check_output_dir(args.out, "--out")  # before minutes of computation, not after
     results = run_variance_experiment(
         args.out,
         Ts=args.Ts,

@@ -34,6 +34,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "config_to_yaml",
+    "explain_config",
     "field_doc",
     "load_config",
     "save_config",
@@ -50,6 +51,25 @@ _SPECS: dict[str, list[tuple[dataclasses.Field, Any]]] = {
 _KEYS: list[str] = [f"{name}.{f.name}" for name, specs in _SPECS.items() for f, _ in specs]
 #: Every dotted key of the tree (``"rollout.top_p"``, ...), in declaration order.
 FIELD_KEYS: tuple[str, ...] = tuple(_KEYS)
+
+
+def explain_config() -> str:
+    """Every field of the tree: dotted key, type, default, allowed values, and its documentation."""
+    import textwrap
+
+    lines = []
+    for name, cls in _SECTIONS.items():
+        lines.append(f"{name}: {cls.__doc__.strip()}")
+        defaults = cls()
+        for f, tp in _SPECS[name]:
+            meta = f.metadata
+            allowed = (f"one of {', '.join(map(str, meta['choices']))}" if meta["choices"] is not None
+                       else _range_text(meta))
+            head = f"  {name}.{f.name}  ({_type_name(tp)}; default {getattr(defaults, f.name)!r}"
+            lines.append(head + (f"; {allowed})" if allowed else ")"))
+            lines.extend(textwrap.wrap(meta["doc"], width=100, initial_indent="      ", subsequent_indent="      "))
+        lines.append("")
+    return "\n".join(lines)
 
 
 def field_doc(key: str) -> str:
@@ -100,10 +120,15 @@ def _type_name(tp: Any) -> str:
 def _convert(value: Any, tp: Any) -> Any:
     """``value`` as type ``tp``, or raise _WrongType. bool is not an int here (True for a step count is a
     slip), ints widen to float, and numeric strings become floats (see _NUMBER)."""
-    if _is_optional(tp):
-        if value is None:
+    if _is_optional(tp):  # a union: null if allowed, else the first alternative the value fits
+        if value is None and type(None) in get_args(tp):
             return None
-        (tp,) = [a for a in get_args(tp) if a is not type(None)]
+        for alt in (a for a in get_args(tp) if a is not type(None)):
+            try:
+                return _convert(value, alt)
+            except _WrongType:
+                continue
+        raise _WrongType
     if get_origin(tp) is list:
         if not isinstance(value, (list, tuple)):
             raise _WrongType
@@ -293,8 +318,14 @@ def _apply(
 def _read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
     """The file's data (as yaml.safe_load gives it) and the line of every key, so errors can point into it."""
     name = str(path)
+    p = Path(path)
+    if p.exists() and not p.is_file():
+        raise ConfigError(f"{name}: is a directory, not a config file (expected a YAML file)")
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark is fine
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{name} line {line}: not UTF-8 text; is this a YAML config file?") from None
     except OSError as e:
         raise ConfigError(f"{name}: cannot read the config file: {e.strerror or e}") from e
     loader = yaml.SafeLoader(text)
@@ -398,7 +429,7 @@ def config_to_yaml(cfg: Config) -> str:
         yaml.dump({name: body}, Dumper=_Dumper, sort_keys=False, width=120)
         for name, body in config_to_dict(cfg).items()
     ]
-    return "# opdkit config; every field is documented in src/opdkit/config/schema.py\n" + "\n".join(blocks)
+    return "# opdkit config; `opdkit config --explain` documents every field\n" + "\n".join(blocks)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -48,6 +48,11 @@ class ModelConfig:
         choices=_DTYPES,
     )
     trust_remote_code: bool = _f(False, "run modelling code shipped in the model directory; only if you trust it")
+    chat_template: str = _f(
+        "model",
+        "how prompts are rendered: model = the tokenizer's own chat template; none = no template, the messages' "
+        "text joined by blank lines (base models); or the path of a Jinja template file",
+    )
     logits_chunk_size: int = _f(
         256,
         "student positions per chunk wherever full-vocabulary logits are formed (student pass, dense losses, "
@@ -132,10 +137,11 @@ class ObjectiveConfig:
         "how per-token losses are reduced to one number",
         choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
     )
-    special_tokens: list[str] | None = _f(
+    special_tokens: list[str | int] | None = _f(
         None,
-        "strings whose student token ids are masked out of the loss where sampled; "
-        "null = the student's EOS and chat-template tokens",
+        "tokens masked out of the loss where the student samples them: each one token of the student's "
+        "vocabulary, as text ('<|im_end|>', 'think') or as an id; null = the student's EOS and chat-template "
+        "tokens; [] = none",
     )
     special_token_mode: str = _f(
         "first", "mask the first occurrence of each special id per response, or all", choices=("first", "all")
@@ -178,8 +184,12 @@ class DataConfig:
     )
     prompt_key: str = _f("prompt", "JSON field holding the prompt")
     answer_key: str = _f("answer", "JSON field holding the reference answer")
-    max_prompt_tokens: int = _f(
-        1024, "prompts longer than this (in tokens, after the chat template) are skipped with a warning", ge=1
+    max_prompt_tokens: int = _f(1024, "longest prompt in tokens, after the chat template (see prompt_overflow)", ge=1)
+    prompt_overflow: str = _f(
+        "error",
+        "a prompt longer than max_prompt_tokens: error (names its file and line), skip (dropped, counted in a "
+        "warning), or truncate_left (its last max_prompt_tokens tokens are kept; prompt_truncated_frac in metrics)",
+        choices=("error", "skip", "truncate_left"),
     )
     shuffle: bool = _f(True, "shuffle the training prompts")
 

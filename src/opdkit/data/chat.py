@@ -14,7 +14,41 @@ import torch
 
 from opdkit.errors import InputError
 
-__all__ = ["left_pad", "render_chat", "render_chat_text"]
+__all__ = ["PLAIN_TEMPLATE", "apply_chat_template_setting", "left_pad", "render_chat", "render_chat_text"]
+
+#: ``model.chat_template: none``: the BOS token (if any), then the messages' text joined by blank lines, for
+#: base models that have no chat format.
+PLAIN_TEMPLATE = (  # newlines as Jinja string literals: transformers renders with trim_blocks
+    "{{ bos_token if bos_token else '' }}"
+    "{% for message in messages %}{{ message['content'] }}{% if not loop.last %}{{ '\\n\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n\\n' }}{% endif %}"
+)
+
+
+def apply_chat_template_setting(tokenizer, setting: str, *, key: str = "model.chat_template", where: str = ""):
+    """Give ``tokenizer`` the chat template ``setting`` asks for (``model``, ``none`` or a file path); returns it.
+
+    ``model`` keeps the tokenizer's own and refuses a tokenizer without one, saying what to set instead.
+    """
+    from pathlib import Path
+
+    if setting == "model":
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError(
+                f"{key}: the tokenizer{' of ' + where if where else ''} has no chat template; for a base model set "
+                f"{key}=none (prompts are the messages' text), or {key}=PATH to a Jinja template file"
+            )
+    elif setting == "none":
+        tokenizer.chat_template = PLAIN_TEMPLATE
+    else:
+        path = Path(setting).expanduser()
+        if not path.is_file():
+            raise InputError(f"{key}: '{setting}' is neither 'model', 'none' nor a template file that exists")
+        try:
+            tokenizer.chat_template = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{key}: cannot read the template file '{setting}' ({exc})") from None
+    return tokenizer
 
 
 def render_chat_text(tokenizer, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:

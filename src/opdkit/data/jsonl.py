@@ -34,7 +34,7 @@ def read_jsonl(
     with f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is fine
             except UnicodeDecodeError as exc:
                 if skip_bad_lines:
                     continue

@@ -13,31 +13,45 @@ from pathlib import Path
 
 from opdkit.data.jsonl import DataError, read_jsonl
 
-__all__ = ["DataError", "PromptRecord", "filter_long_prompts", "load_prompts"]
+__all__ = ["DataError", "PromptRecord", "ROLES", "check_prompt_lengths", "filter_long_prompts", "load_prompts"]
 
 
 @dataclass(frozen=True)
 class PromptRecord:
     """One prompt: chat messages (``[{"role", "content"}, ...]``), an optional reference answer and task
-    name, and where it came from (``"file line N"``, for messages)."""
+    name, where it came from (``"file line N"``, for messages), and whether it is too long (see
+    :func:`check_prompt_lengths`)."""
 
     messages: tuple[dict, ...]
     answer: str | None = None
     task: str | None = None
     source: str | None = None
+    truncated: bool = False  # longer than data.max_prompt_tokens; the sampler keeps its end
+
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
 def _messages(value, where: str, key: str) -> tuple[dict, ...]:
     if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field '{key}' is an empty prompt")
         return ({"role": "user", "content": value},)
-    if isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    ):
-        return tuple({"role": m["role"], "content": m["content"]} for m in value)
-    raise DataError(
-        f"{where}: field '{key}' must be a string or a non-empty list of {{\"role\", \"content\"}} messages, "
-        f"got {type(value).__name__}"
-    )
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field '{key}' must be a string or a non-empty list of "
+                        f"{{\"role\", \"content\"}} messages, got {type(value).__name__}")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: field '{key}', message {j}: expected {{\"role\": str, \"content\": str}}, "
+                            f"got {m!r:.80}")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: field '{key}', message {j}: unknown role {m['role']!r} "
+                            f"(expected one of {', '.join(ROLES)})")
+        if not m["content"].strip():
+            raise DataError(f"{where}: field '{key}', message {j} ({m['role']}): empty content")
+        out.append({"role": m["role"], "content": m["content"]})
+    return tuple(out)
 
 
 def load_prompts(path: str | Path, *, prompt_key: str = "prompt", answer_key: str = "answer") -> list[PromptRecord]:
@@ -62,31 +76,55 @@ def load_prompts(path: str | Path, *, prompt_key: str = "prompt", answer_key: st
     return records
 
 
-def filter_long_prompts(
-    records: Sequence[PromptRecord], tokenizer, max_tokens: int, *, what: str = "data.max_prompt_tokens", log=None
+def check_prompt_lengths(
+    records: Sequence[PromptRecord], tokenizer, max_tokens: int, *, overflow: str = "error", log=None,
+    what: str = "data.max_prompt_tokens",
 ) -> list[PromptRecord]:
-    """The records whose rendered prompt has at most ``max_tokens`` tokens; the others are dropped with a
-    warning (through ``log``) that counts them and names the first few. ``DataError`` if none is left.
+    """Apply ``data.max_prompt_tokens`` to the rendered prompts (measured after the chat template, as the
+    student sees them) with the ``data.prompt_overflow`` policy:
 
-    A prompt is measured after the chat template, as the student sees it. Text longer than 64 characters
-    per allowed token is dropped without tokenizing it (no tokenizer packs more into one token), so a
-    runaway multi-megabyte line costs nothing.
+    - ``error``: a longer prompt is an error naming its file and line;
+    - ``skip``: longer prompts are dropped, with a warning (through ``log``) that counts them and names a few;
+    - ``truncate_left``: they are kept and marked ``truncated``; the sampler keeps their last ``max_tokens``.
+
+    Text longer than 64 characters per allowed token is over the limit without being tokenized (no tokenizer
+    packs more into one token), so a runaway multi-megabyte line costs nothing. ``DataError`` if no prompt is
+    left.
     """
+    from dataclasses import replace
+
     from opdkit.data.chat import render_chat
 
-    kept, dropped = [], []
+    kept, long = [], []
     for r in records:
         chars = sum(len(m["content"]) for m in r.messages)
         n = None if chars > 64 * max_tokens else len(render_chat(tokenizer, r.messages))
         if n is None or n > max_tokens:
-            dropped.append((r.source or "a prompt", n))
+            long.append((r, n))
+            if overflow == "truncate_left":
+                kept.append(replace(r, truncated=True))
         else:
             kept.append(r)
-    if dropped and log is not None:
-        shown = ", ".join(f"{src} ({'> ' + str(max_tokens) if n is None else n} tokens)" for src, n in dropped[:3])
-        more = f" and {len(dropped) - 3} more" if len(dropped) > 3 else ""
-        log(f"warning: {len(dropped)} of {len(records)} prompts are longer than {what} = {max_tokens} tokens "
-            f"and are skipped: {shown}{more}")
+
+    def describe(items):
+        shown = ", ".join(f"{r.source or 'a prompt'} ({'> ' + str(max_tokens) if n is None else n} tokens)"
+                          for r, n in items[:3])
+        return shown + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+    if long and overflow == "error":
+        raise DataError(
+            f"{len(long)} of {len(records)} prompts are longer than {what} = {max_tokens} tokens: {describe(long)}; "
+            "raise the limit, or set data.prompt_overflow to skip (drop them) or truncate_left (keep their end)"
+        )
+    if long and log is not None:
+        done = "skipped" if overflow == "skip" else "truncated on the left"
+        log(f"warning: {len(long)} of {len(records)} prompts are longer than {what} = {max_tokens} tokens "
+            f"and are {done}: {describe(long)}")
     if not kept:
         raise DataError(f"every prompt is longer than {what} = {max_tokens} tokens (raise it, or shorten the prompts)")
     return kept
+
+
+def filter_long_prompts(records, tokenizer, max_tokens: int, *, what: str = "data.max_prompt_tokens", log=None):
+    """The records whose rendered prompt fits ``max_tokens`` (``check_prompt_lengths`` with ``skip``)."""
+    return check_prompt_lengths(records, tokenizer, max_tokens, overflow="skip", log=log, what=what)

@@ -210,11 +210,13 @@ def run_demo(
     """Run the demo; returns the summary written to ``OUT/demo_summary.json``."""
     from opdkit.demo.models import load_demo_model, load_demo_tokenizer, prepare_demo_models
     from opdkit.demo.task import make_problems
-    from opdkit.train.run_dir import new_run_dir
+    from opdkit.train.run_dir import MARKER_FILE, check_run_dir, new_run_dir
 
     start = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else new_run_dir("runs", "demo")
+    check_run_dir(out, resume=False, overwrite=True, what="--out")  # new, empty, or an earlier demo's output
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER_FILE).write_text("created by opdkit demo\n")
     models = prepare_demo_models(cache_dir, log=log, settings=settings)
     cfg = demo_config({"model.path": str(models.student_dir), "teacher.path": str(models.teacher_dir)})
     if overrides:

@@ -36,12 +36,14 @@ class Sampler(Protocol):
     def sync_weights(self, model) -> None: ...
 
 
-def build_sampler(settings: RolloutConfig, model, tokenizer, *, generate_fn=None) -> Sampler:
-    """The sampler of ``rollout.engine`` for ``model`` (the unwrapped student) and its tokenizer."""
+def build_sampler(settings: RolloutConfig, model, tokenizer, *, generate_fn=None,
+                  max_prompt_tokens: int | None = None) -> Sampler:
+    """The sampler of ``rollout.engine`` for ``model`` (the unwrapped student) and its tokenizer;
+    ``max_prompt_tokens``: left-truncate longer prompts to it."""
     if settings.engine == "hf":
         from opdkit.rollout.hf_sampler import HFSampler
 
-        return HFSampler(model, tokenizer, settings, generate_fn=generate_fn)
+        return HFSampler(model, tokenizer, settings, generate_fn=generate_fn, max_prompt_tokens=max_prompt_tokens)
     raise OpdkitError(
         f"rollout.engine: {settings.engine!r} is not supported yet (vLLM rollouts are planned); use 'hf'"
     )

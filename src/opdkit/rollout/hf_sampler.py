@@ -154,6 +154,8 @@ class HFSampler:
         settings: an :class:`opdkit.config.RolloutConfig` (temperature, top_p, top_k, max_new_tokens,
             n_samples, stop, stop_ids, seed; ``engine`` is not read here).
         tokenizer_path: shown in error messages (defaults to ``tokenizer.name_or_path``).
+        generate_fn: where ``generate`` is called (default ``model.generate``).
+        max_prompt_tokens: keep only the last this many tokens of a longer prompt (left truncation).
 
     The pad token is never sampled unless it is also the EOS token (then it ends the sequence). A tokenizer
     without a pad token pads with its EOS token.
@@ -167,8 +169,10 @@ class HFSampler:
         *,
         tokenizer_path: str | None = None,
         generate_fn=None,
+        max_prompt_tokens: int | None = None,
     ):
         self.model = model
+        self.max_prompt_tokens = max_prompt_tokens
         # Where ``generate`` is called: the model's own, or a route through a distributed wrapper's forward
         # (FSDP must gather its shards inside the wrapper; see opdkit.train.build).
         self.generate_fn = generate_fn if generate_fn is not None else model.generate
@@ -256,6 +260,8 @@ class HFSampler:
                 ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
             if len(ids) == 0:
                 raise InputError(f"prompts[{i}]: encodes to no tokens")
+            if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+                ids = ids[-self.max_prompt_tokens :]
             out.append([int(t) for t in ids])
         return out
 

@@ -186,14 +186,16 @@ def build_components(
     from accelerate.utils import DistributedDataParallelKwargs
 
     from opdkit.check import check_pair, require_compatible
-    from opdkit.data.prompts import filter_long_prompts
+    from opdkit.config import load_config
+    from opdkit.data.chat import apply_chat_template_setting
+    from opdkit.data.prompts import check_prompt_lengths
     from opdkit.hf import load_causal_lm, load_tokenizer
     from opdkit.modeling import causal_lm, output_head, verify_output_head, vocab_rows
     from opdkit.objectives import build_objective
     from opdkit.rollout import build_sampler
     from opdkit.special_tokens import resolve_special_ids
     from opdkit.teacher import build_teacher
-    from opdkit.train.run_dir import check_run_dir, create_run_dir, new_run_dir
+    from opdkit.train.run_dir import CONFIG_FILE, check_run_dir, create_run_dir, new_run_dir, write_run_config
     from opdkit.train.schedule import make_scheduler
 
     refuse_unsupported(cfg)
@@ -221,6 +223,7 @@ def build_components(
         tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
         lm = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                             device=device)
+    apply_chat_template_setting(tokenizer, cfg.model.chat_template, where=f"model.path '{cfg.model.path}'")
     verify_output_head(lm)
     load_dtype = next((p.dtype for p in lm.parameters() if p.is_floating_point()), torch.float32)
     if cfg.model.gradient_checkpointing:
@@ -261,8 +264,11 @@ def build_components(
     teacher = build_teacher(cfg, objective.request, student_vocab_size=student_rows,
                             drop_ids=special_ids if cfg.objective.drop_special_from_support else (),
                             model=teacher_model, tokenizer=teacher_tok)
-    records = filter_long_prompts(records, tokenizer, cfg.data.max_prompt_tokens,
-                                  log=log if dist.is_main else None)
+    if cfg.data.prompt_overflow == "truncate_left" and cfg.teacher.own_chat_template:
+        raise OpdkitError("data.prompt_overflow=truncate_left with teacher.own_chat_template=true is not supported "
+                          "yet (the teacher's own rendering would need the same truncation); use error or skip")
+    records = check_prompt_lengths(records, tokenizer, cfg.data.max_prompt_tokens, overflow=cfg.data.prompt_overflow,
+                                   log=log if dist.is_main else None)
 
     params = [p for p in lm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -285,13 +291,17 @@ def build_components(
         with precision.autocast():
             return module(_generate, **kwargs)
 
-    sampler = build_sampler(cfg.rollout, inner, tokenizer, generate_fn=generate_fn)
+    truncate = cfg.data.max_prompt_tokens if cfg.data.prompt_overflow == "truncate_left" else None
+    sampler = build_sampler(cfg.rollout, inner, tokenizer, generate_fn=generate_fn, max_prompt_tokens=truncate)
     if evaluator is None:
         evaluator = _build_evaluator(cfg, dist, generate_fn, eval_problems)
     head_description = objective.describe(output_head(inner))
 
-    if not resume and dist.is_main:
-        create_run_dir(cfg, path, overwrite=overwrite)
+    if dist.is_main:
+        if not resume:
+            create_run_dir(cfg, path, overwrite=overwrite)
+        elif load_config(path / CONFIG_FILE) != cfg:  # allowed resume overrides (opdkit.train.run_dir)
+            write_run_config(cfg, path)
     dist.barrier()
     return Components(
         cfg=cfg, run_dir=path, accelerator=accelerator, dist=dist, precision=precision, tokenizer=tokenizer,

@@ -46,7 +46,14 @@ import torch
 
 from opdkit.config import Config
 from opdkit.errors import OpdkitError
-from opdkit.train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
+from opdkit.interrupt import Interrupted, StopRequests
+from opdkit.train.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from opdkit.train.metrics import MetricsLogger, truncate_metrics
 from opdkit.train.step import StepRecord, run_step
 
@@ -83,6 +90,7 @@ class Trainer:
         eval_problems: evaluation problems (``PromptRecord``s with answers); default: ``data.eval_path``.
         evaluator: an evaluator (``opdkit.eval.Evaluator``) instead of the one built from the config.
         resume / overwrite: what to do with an existing run directory.
+        from_checkpoint: with ``resume``, the step of the checkpoint to continue from (default: the newest).
         progress: show a progress bar.
         log: where start-up messages and warnings go.
 
@@ -99,6 +107,7 @@ class Trainer:
         eval_problems=None,
         evaluator=None,
         resume: bool = False,
+        from_checkpoint: int | None = None,
         overwrite: bool = False,
         progress: bool = True,
         log=print,
@@ -107,8 +116,10 @@ class Trainer:
 
         self.c = build_components(cfg, run_dir, prompts=prompts, eval_problems=eval_problems, evaluator=evaluator,
                                   resume=resume, overwrite=overwrite, log=log)
-        self.cfg, self.run_dir = cfg, self.c.run_dir
+        self.cfg, self.run_dir = self.c.cfg, self.c.run_dir
         self.resumed = resume
+        self.from_checkpoint = from_checkpoint
+        self.prompts_digest = _digest(self.c.prompts)
         self.progress = progress
         self.log = log if self.c.dist.is_main else (lambda _msg: None)
         self.last_step: StepRecord | None = None
@@ -152,20 +163,55 @@ class Trainer:
         self.last_checkpoint = ckpt.path
 
     def _restore(self) -> tuple[int, dict[str, Any]]:
+        """The step and counters to continue from: the newest complete checkpoint, or ``--checkpoint STEP``.
+
+        An unreadable newest checkpoint stops the resume with the previous complete one named; resuming from
+        an older checkpoint sets the newer ones aside (``checkpoints/.abandoned-step-*``), so they can neither
+        be picked up later nor push the good ones out of ``run.keep_last``.
+        """
         dist = self.c.dist
         if dist.is_main:
             remove_partial_checkpoints(self.run_dir)
         dist.barrier()
-        ckpt = latest_checkpoint(self.run_dir)
+        ckpts = list_checkpoints(self.run_dir)
+        if self.from_checkpoint is not None:
+            chosen = [c for c in ckpts if c.step == self.from_checkpoint]
+            if not chosen:
+                steps = ", ".join(str(c.step) for c in ckpts) or "none"
+                raise CheckpointError(f"--checkpoint {self.from_checkpoint}: no complete checkpoint of that step in "
+                                      f"{self.run_dir / 'checkpoints'} (there are: {steps})")
+            ckpt = chosen[0]
+        else:
+            ckpt = ckpts[-1] if ckpts else None
         if ckpt is None:
             if dist.is_main:
                 truncate_metrics(self.run_dir, -1)
             if self.resumed:
                 self.log(f"opdkit: {self.run_dir} has no checkpoint yet: starting from step 0")
             return 0, {}
-        state = load_checkpoint(ckpt, accelerator=self.c.accelerator)
+        if ckpt.step > self.cfg.optim.total_steps:
+            raise CheckpointError(f"optim.total_steps = {self.cfg.optim.total_steps} is below the checkpoint's step "
+                                  f"{ckpt.step}; to extend a run, raise optim.total_steps")
+        try:
+            state = load_checkpoint(ckpt, accelerator=self.c.accelerator)
+        except CheckpointError as exc:
+            older = [c for c in ckpts if c.step < ckpt.step]
+            hint = (f"; the previous complete checkpoint is step {older[-1].step}: resume from it with "
+                    f"`opdkit train --resume {self.run_dir} --checkpoint {older[-1].step}`" if older
+                    else "; there is no older checkpoint")
+            raise CheckpointError(f"{exc}{hint}") from None
+        digest = state.get("prompts_sha256")
+        if digest is not None and digest != self.prompts_digest:
+            raise CheckpointError(
+                f"the training prompts ({self.cfg.data.train_path}) are not the ones this run started with (their "
+                "digest differs): the data order of the remaining steps would change; point data.train_path at the "
+                "run's own prompts"
+            )
         if dist.is_main:
+            for newer in (c for c in ckpts if c.step > ckpt.step):
+                newer.path.rename(newer.path.with_name(f".abandoned-{newer.path.name}"))
             truncate_metrics(self.run_dir, ckpt.step)
+        dist.barrier()
         self.last_checkpoint = ckpt.path
         self.log(f"opdkit: resuming from {ckpt.path} (step {ckpt.step} of {self.cfg.optim.total_steps})")
         return ckpt.step, state
@@ -177,12 +223,13 @@ class Trainer:
         metrics["time_eval_s"] = self.c.dist.max([time.perf_counter() - t])[0]
 
     def run(self, *, on_step=None) -> TrainResult:
-        """Train to ``optim.total_steps``, resuming from the last checkpoint in the run directory."""
+        """Train to ``optim.total_steps``, resuming from the last checkpoint in the run directory.
+
+        SIGINT/SIGTERM stop the run after the step in progress, with a checkpoint of it: ``Interrupted`` is
+        raised (see ``opdkit.interrupt``).
+        """
         cfg, dist = self.cfg, self.c.dist
         start, counters = self._restore()
-        prompt_counter = int(counters.get("prompt_counter", 0))
-        skipped_total = int(counters.get("skipped_steps", 0))
-        consecutive = int(counters.get("consecutive_skipped", 0))
         logger = None
         if dist.is_main:
             logger = MetricsLogger(self.run_dir, tensorboard=cfg.run.tensorboard, from_step=start + 1)
@@ -191,45 +238,9 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.optim.total_steps, initial=start, desc="opd", unit="step", dynamic_ncols=True)
-        metrics: dict[str, Any] = {}
         try:
-            for step in range(start, cfg.optim.total_steps):
-                records, positions, prompt_counter = self._prompts_for_step(prompt_counter)
-                t = time.perf_counter()
-                local, record = run_step(self.c, step, records, positions, keep_record=on_step is not None)
-                local.max("time_step_s", time.perf_counter() - t)
-                metrics = local.reduce(dist)
-                metrics["tokens_per_s"] = metrics["response_length"] * metrics["rollouts"] / metrics["time_step_s"]
-                self.last_step = record
-                if metrics["skipped"]:
-                    skipped_total += 1
-                    consecutive += 1
-                else:
-                    consecutive = 0
-                metrics.update(step=step + 1, skipped_steps=skipped_total)
-                done = step + 1 == cfg.optim.total_steps
-                every = cfg.eval.every_steps
-                evaluated = self.c.evaluator is not None and ((every and (step + 1) % every == 0) or done)
-                if evaluated:
-                    self._evaluate(step + 1, metrics)
-                if logger is not None and ((step + 1) % cfg.run.log_every == 0 or done or evaluated):
-                    logger.log(metrics)
-                if on_step is not None:
-                    on_step(step + 1, metrics, self)
-                if consecutive > cfg.optim.max_skipped_steps:
-                    last = self.last_checkpoint or "none (no checkpoint was written yet)"
-                    raise TrainingAborted(
-                        f"step {step + 1}: {consecutive} steps in a row were skipped "
-                        f"({metrics.get('skip_reason', 'non-finite')}); last good checkpoint: {last}"
-                    )
-                # A skipped step changed nothing but counters: the last checkpoint stays the last good one.
-                due = (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or done
-                if due and not metrics["skipped"]:
-                    self._save(step + 1, {"prompt_counter": prompt_counter, "skipped_steps": skipped_total,
-                                          "consecutive_skipped": consecutive})
-                if bar is not None:
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-                    bar.update(1)
+            with StopRequests() as stop:
+                metrics, skipped = self._loop(start, counters, logger, bar, stop, on_step)
         finally:
             if bar is not None:
                 bar.close()
@@ -238,7 +249,65 @@ class Trainer:
         final = self.export()
         if dist.world > 1:  # leave the process group cleanly (gloo can abort at exit otherwise)
             self.c.accelerator.end_training()
-        return TrainResult(self.run_dir, cfg.optim.total_steps, skipped_total, final, metrics)
+        return TrainResult(self.run_dir, cfg.optim.total_steps, skipped, final, metrics)
+
+    def _loop(self, start: int, counters: dict, logger, bar, stop: StopRequests, on_step):
+        """Steps ``start .. optim.total_steps``; returns the last metrics and the number of skipped steps."""
+        cfg, dist = self.cfg, self.c.dist
+        prompt_counter = int(counters.get("prompt_counter", 0))
+        skipped_total = int(counters.get("skipped_steps", 0))
+        consecutive = int(counters.get("consecutive_skipped", 0))
+        metrics: dict[str, Any] = {}
+        for step in range(start, cfg.optim.total_steps):
+            records, positions, prompt_counter = self._prompts_for_step(prompt_counter)
+            t = time.perf_counter()
+            local, record = run_step(self.c, step, records, positions, keep_record=on_step is not None)
+            local.max("time_step_s", time.perf_counter() - t)
+            metrics = local.reduce(dist)
+            metrics["tokens_per_s"] = metrics["response_length"] * metrics["rollouts"] / metrics["time_step_s"]
+            self.last_step = record
+            if metrics["skipped"]:
+                skipped_total += 1
+                consecutive += 1
+            else:
+                consecutive = 0
+            metrics.update(step=step + 1, skipped_steps=skipped_total)
+            done = step + 1 == cfg.optim.total_steps
+            every = cfg.eval.every_steps
+            evaluated = self.c.evaluator is not None and ((every and (step + 1) % every == 0) or done)
+            if evaluated:
+                self._evaluate(step + 1, metrics)
+            if logger is not None and ((step + 1) % cfg.run.log_every == 0 or done or evaluated):
+                logger.log(metrics)
+            if on_step is not None:
+                on_step(step + 1, metrics, self)
+            if consecutive > cfg.optim.max_skipped_steps:
+                last = self.last_checkpoint or "none (no checkpoint was written yet)"
+                raise TrainingAborted(
+                    f"step {step + 1}: {consecutive} steps in a row were skipped "
+                    f"({metrics.get('skip_reason', 'non-finite')}); last good checkpoint: {last}"
+                )
+            counters = {"prompt_counter": prompt_counter, "skipped_steps": skipped_total,
+                        "consecutive_skipped": consecutive, "prompts_sha256": self.prompts_digest}
+            # A skipped step changed nothing but counters: the last checkpoint stays the last good one.
+            due = (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or done
+            saved = bool(due and not metrics["skipped"])
+            if saved:
+                self._save(step + 1, counters)
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+                bar.update(1)
+            # Every process agrees, at the step boundary, whether a stop was asked for.
+            if not done and dist.sum([float(stop.requested)])[0] > 0:
+                if not saved:
+                    self._save(step + 1, counters)
+                raise Interrupted(
+                    f"stopped by {stop.signal_name or 'a signal'} after step {step + 1} of {cfg.optim.total_steps}; "
+                    f"its state is saved in {self.last_checkpoint}. Continue with: opdkit train --resume "
+                    f"{self.run_dir}",
+                    self.last_checkpoint,
+                )
+        return metrics, skipped_total
 
     def export(self) -> Path | None:
         """``save_pretrained`` the student (LoRA merged) and its tokenizer into ``RUN_DIR/final`` (one process),
@@ -272,6 +341,17 @@ class Trainer:
             tmp.rename(final)
         dist.barrier()
         return final
+
+
+def _digest(records) -> str:
+    """A digest of the training prompts (messages, answers, tasks): a resumed run must see the same ones."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([list(r.messages), r.answer, r.task], sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:

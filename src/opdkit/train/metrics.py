@@ -61,6 +61,7 @@ METRICS: dict[str, MetricSpec] = {
     "response_length": _m("response tokens per sequence"),
     "truncation_rate": _m("fraction of responses that hit rollout.max_new_tokens"),
     "special_masked_frac": _m("fraction of response tokens removed from the loss by special-token masking"),
+    "prompt_truncated_frac": _m("fraction of responses whose prompt was cut to data.max_prompt_tokens (on the left)"),
     "rollouts": _m("responses sampled in the step (all processes)", "global"),
     "tokens_per_s": _m("response tokens of the step (all processes) per second of the step", "global"),
     # time, seconds (slowest process)

@@ -47,9 +47,16 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from opdkit.paths import check_output_dir
+
     run = Path(run_dir)
-    rows = _read(run / "metrics.jsonl")
+    if not run.is_dir():
+        raise OpdkitError(f"RUN_DIR '{run_dir}': no such run directory")
     out = Path(out_dir) if out_dir is not None else run / "plots"
+    check_output_dir(out, "--out")
+    rows = _read(run / "metrics.jsonl")
+    if not any(isinstance(v, (int, float)) for r in rows for k, v in r.items() if k != "step"):
+        raise OpdkitError(f"'{run / 'metrics.jsonl'}': no metrics to plot yet (the run has logged no step)")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for filename, (title, keys) in PANELS.items():

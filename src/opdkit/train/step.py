@@ -190,6 +190,7 @@ def run_step(c, step: int, records: list, positions: list[int], *, keep_record: 
     metrics.mean("response_length", n_resp, B)
     metrics.mean("truncation_rate", sum(r == FINISH_LENGTH for r in batch.finish_reason), B)
     metrics.mean("special_masked_frac", n_resp - float(loss_mask.sum()), n_resp)
+    metrics.mean("prompt_truncated_frac", sum(r.truncated for r in local_prompts), B)
     metrics.set("rollouts", G)
     metrics.set("lr", float(c.scheduler.get_last_lr()[0]))
     record = StepRecord(batch, sp, signal, loss_mask) if keep_record else None

@@ -1,0 +1,32 @@
+"""Output paths checked before any work is done (only the standard library is imported here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from opdkit.errors import OpdkitError
+
+__all__ = ["check_output_dir"]
+
+
+def check_output_dir(path: str | Path, what: str) -> Path:
+    """Refuse, before any work, an output directory that is a file or cannot be created; returns the path.
+
+    ``what`` names the setting or argument in the message (``run.out_dir``, ``--out``).
+    """
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            raise OpdkitError(f"{what} '{path}': exists and is not a directory")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise OpdkitError(f"{what} '{path}': the directory is not writable")
+        return p
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OpdkitError(f"{what} '{path}': cannot be created ('{parent}' is a file, not a directory)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OpdkitError(f"{what} '{path}': cannot be created (no permission to write in '{parent}')")
+    return p
