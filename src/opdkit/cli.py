@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -240,16 +241,20 @@ def main(argv: list[str] | None = None) -> int:
     from opdkit.interrupt import EXIT_INTERRUPTED, Interrupted
 
     args = build_parser().parse_args(argv)
+    # under torchrun every process runs this; say the same thing once, and tell processes' own errors apart
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    who = f"opdkit {args.command}" + (f" [process {rank}]" if world > 1 else "")
     try:
         return args.func(args)
     except Interrupted as exc:
-        print(f"opdkit {args.command}: {exc}", file=sys.stderr)
+        if rank == 0:
+            print(f"opdkit {args.command}: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print(f"opdkit {args.command}: interrupted", file=sys.stderr)
+        print(f"{who}: interrupted", file=sys.stderr)
         return 130
     except OpdkitError as exc:
-        print(f"opdkit {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{who}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -119,6 +119,34 @@ def test_a_killed_two_process_run_resumes_exactly(tmp_path, tiny_model_dirs):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_preempting_torchrun_stops_both_processes_after_the_same_step(tmp_path, tiny_model_dirs):
+    """SIGTERM to torchrun (a cluster's preemption): it forwards the signal, both processes finish the step,
+    save it and exit; resuming with 2 processes ends where an uninterrupted run does."""
+    import signal
+    import time
+
+    over = _overrides(tiny_model_dirs, **{"optim.total_steps": 30, "run.save_every": 0})
+    straight = _run(tmp_path, "straight", over, 2)
+    spec = {"overrides": over, "prompts": PROMPTS, "run_dir": str(tmp_path / "pre")}
+    (tmp_path / "pre.json").write_text(json.dumps(spec))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(WORKER), str(tmp_path / "pre.json")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "pre"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(read_metrics(run)) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    done = len(read_metrics(run))
+    assert 2 <= done < 30 and [c.name for c in (run / "checkpoints").iterdir()] == [f"step-{done:06d}"]
+    _run(tmp_path, "pre", over, 2, resume=True)
+    _assert_rows_close(read_metrics(straight), read_metrics(run), rel=1e-6)
+    a, b = _weights(straight), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_processes_with_unequal_shares_run_their_forward_passes_in_lockstep(tmp_path, tiny_model_dirs):
     """5 responses over 2 processes (3 and 2 rows) with micro-batches of 2: both processes still run the same
     sequence of student forward passes (what FSDP, which gathers parameters inside each forward, needs)."""
