@@ -159,16 +159,22 @@ def test_teacher_finds_a_response_format_token_improbable(root, student_dir):
     assert "teacher finds improbable" in text and "['<|im_end|>']" in text
 
 
-def test_only_the_response_format_is_judged(tiny_model_dirs):
+def test_only_the_response_format_is_judged(tiny_model_dirs, root):
     report = run_check(tiny_model_dirs["qwen2"], tiny_model_dirs["llama"])
     judged = "".join(t.token for t in report.dry_run if t.judged)
     template = "".join(t.token for t in report.dry_run if t.is_template)
     assert "".join(t.token for t in report.dry_run) == render_template(
         load_tokenizer(tiny_model_dirs["qwen2"]), DRY_RUN_CONVERSATION)
     assert template == "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n"
-    # the answer's reasoning tags and the turn's end; never the prompt's template tokens or any content
-    assert judged.startswith("<think") and "</think>" in judged and judged.endswith("<|im_end|>\n")
-    assert "user" not in judged and "12" not in judged and "answer" not in judged
+    # the turn's end only: '<think>' is split into '<think' and '>' here, pieces that are ordinary text
+    assert judged == "<|im_end|>\n"
+    # a tokenizer that has the reasoning tags as tokens: they are judged too
+    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+    tok = _tok(special_tokens=specials)
+    student = save_model_dir(build_tiny_model(tok, seed=0), tok, root / "tags_student")
+    teacher = save_model_dir(build_tiny_model(tok, seed=1), tok, root / "tags_teacher")
+    judged = [t.token for t in run_check(student, teacher).dry_run if t.judged]
+    assert judged == ["<think>", "</think>", "<|im_end|>", "\n"]
 
 
 def test_a_system_prompt_the_teacher_finds_improbable_is_not_recommended(root, student_dir):

@@ -168,6 +168,7 @@ def test_a_signal_saves_the_last_step_and_resume_matches_an_uninterrupted_run(tm
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err
     assert "Traceback" not in err and f"stopped by {sig.name} after step" in err
+    assert f"{sig.name} received: finishing the current step" in err  # said at once, not when the step ends
     assert f"Continue with: opdkit train --resume {run}" in err
     done = len(read_metrics(run))
     assert 2 <= done < 30 and [c.name for c in (run / "checkpoints").iterdir()] == [f"step-{done:06d}"]
@@ -281,3 +282,111 @@ def test_config_explain_documents_every_field(capsys):
     help_text = subprocess.run([EXE, "train", "--help"], capture_output=True, text=True).stdout
     for needle in ("model.path", "teacher.path", "data.train_path", '{"prompt":', "run.out_dir", "75"):
         assert needle in help_text
+
+
+# ---------------------------------------------------------------- found by a second new-user review
+def test_resume_refuses_a_folder_opdkit_did_not_create(tmp_path, tiny_model_dirs, data, capsys):
+    run = tmp_path / "run"
+    assert _run(capsys, _args(tiny_model_dirs, data, run, "optim.total_steps=1"))[0] == 0
+    mine = tmp_path / "mine"
+    (mine / "final").mkdir(parents=True)
+    shutil.copy(run / "config.yaml", mine / "config.yaml")
+    (mine / "final" / "README.md").write_text("card\n")
+    (mine / "metrics.jsonl").write_text('{"my": 1}\n')
+    code, err = _run(capsys, ["train", "--resume", str(mine)])
+    assert code == 2 and "not a run directory opdkit created" in err
+    assert (mine / "final" / "README.md").read_text() == "card\n"
+    assert (mine / "metrics.jsonl").read_text() == '{"my": 1}\n'
+    assert not (mine / "checkpoints").exists()
+
+
+def test_overwrite_keeps_user_files_inside_the_runs_folders(tmp_path, tiny_model_dirs, data, capsys):
+    run = tmp_path / "run"
+    assert _run(capsys, _args(tiny_model_dirs, data, run))[0] == 0
+    assert main(["plot", str(run)]) == 0
+    for rel in ("final/MY_README.md", "checkpoints/mine.txt", "plots/my.txt"):
+        (run / rel).write_text("mine\n")
+    assert _run(capsys, _args(tiny_model_dirs, data, run, "run.overwrite=true", "optim.total_steps=1"))[0] == 0
+    for rel in ("final/MY_README.md", "checkpoints/mine.txt", "plots/my.txt"):
+        assert (run / rel).read_text() == "mine\n", rel
+    assert not list((run / "plots").glob("*.png"))  # the old run's plots went
+    assert [c.name for c in (run / "checkpoints").glob("step-*")] == ["step-000001"]
+    # the end-of-run export keeps a user's file in final/ too
+    assert (run / "final" / "model.safetensors").exists()
+
+
+def test_a_refused_resume_changes_nothing(tmp_path, tiny_model_dirs, data, capsys):
+    run = tmp_path / "run"
+    assert _run(capsys, _args(tiny_model_dirs, data, run, "optim.total_steps=3"))[0] == 0
+    config = (run / "config.yaml").read_text()
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prompt": "Something else?"}) + "\n")
+    for override, needle in [("optim.total_steps=2", "below the checkpoint's step 3"),
+                             (f"data.train_path={other}", "training prompts"),
+                             (f"teacher.path={tiny_model_dirs['qwen2']}", "is not the teacher this run started with")]:
+        code, err = _run(capsys, ["train", "--resume", str(run), override])
+        assert code == 2 and needle in err, err
+        assert (run / "config.yaml").read_text() == config
+    assert _run(capsys, ["train", "--resume", str(run), "optim.total_steps=4"])[0] == 0  # still resumable
+    code, err = _run(capsys, ["train", "--resume", str(run), "run.out_dir=/elsewhere"])
+    assert code == 2 and "run.out_dir does not apply to a resumed run" in err
+
+
+def test_the_same_fallback_twice(tmp_path, tiny_model_dirs, data, capsys):
+    run = tmp_path / "run"
+    assert _run(capsys, _args(tiny_model_dirs, data, run, "optim.total_steps=3", "run.save_every=1",
+                              "run.keep_last=3"))[0] == 0
+    for _ in range(2):
+        assert _run(capsys, ["train", "--resume", str(run), "--checkpoint", "2"])[0] == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        ".abandoned-step-000003", ".abandoned-step-000003-1", "step-000001", "step-000002", "step-000003"]
+
+
+def test_paths_are_stored_absolute_and_tilde_is_expanded(tmp_path, tiny_model_dirs, data, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    shutil.copy(data, tmp_path / "rel.jsonl")
+    args = [a for a in _args(tiny_model_dirs, data, "x") if not a.startswith(("data.train_path", "run.out_dir"))]
+    assert _run(capsys, [*args, "data.train_path=rel.jsonl", "run.out_dir=~/runs/a", "optim.total_steps=1"])[0] == 0
+    run = tmp_path / "home" / "runs" / "a"
+    assert (run / "final").is_dir() and not (tmp_path / "~").exists()
+    assert f"train_path: {tmp_path / 'rel.jsonl'}" in (run / "config.yaml").read_text()
+    monkeypatch.chdir(tmp_path / "home")  # resumes from another working directory
+    assert _run(capsys, ["train", "--resume", str(run), "optim.total_steps=2"])[0] == 0
+
+
+def test_more_bad_inputs_without_tracebacks(tmp_path, tiny_model_dirs, data, capsys):
+    bad_template = tmp_path / "bad.jinja"
+    bad_template.write_text("{% for m in messages %}{{ m['content'] }")
+    code, err = _run(capsys, _args(tiny_model_dirs, data, tmp_path / "a", f"model.chat_template={bad_template}"))
+    assert code == 2 and f"'{bad_template}' line 1: not a valid Jinja template" in err
+    system_only = tmp_path / "sys.jsonl"
+    system_only.write_text(json.dumps({"prompt": [{"role": "system", "content": "Be brief."}]}) + "\n")
+    code, err = _run(capsys, _args(tiny_model_dirs, system_only, tmp_path / "b"))
+    assert code == 2 and f"{system_only} line 1: field 'prompt' has only system messages" in err
+    code, err = _run(capsys, _args(tiny_model_dirs, data, tmp_path / ("x" * 300)))
+    assert code == 2 and "longer than 255 bytes" in err
+    code, err = _run(capsys, ["check", "--student", str(tiny_model_dirs["qwen2"]), "--teacher",
+                              str(tiny_model_dirs["llama"]), "--device", "meta"])
+    assert code == 2 and "'meta' is not supported" in err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  lr: 1.0e-5  # mine\n")
+    code, err = _run(capsys, ["config", str(cfg), "--out", str(cfg)])
+    assert code == 2 and "is the input config" in err and "# mine" in cfg.read_text()
+    for argv, needle in [(["demo", "--steps", "5"], "--steps goes with --toy"),
+                         (["demo", "--toy", "--out", str(tmp_path / "t")], "--toy runs in memory"),
+                         (["demo", "optim.lr=abc", "--out", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c")],
+                          "optim.lr: expected float")]:
+        code, err = _run(capsys, argv)
+        assert code == 2 and needle in err, err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "c").exists()  # refused before any work
+
+
+def test_plot_reads_a_live_runs_metrics(tmp_path, tiny_model_dirs, data, capsys):
+    run = tmp_path / "run"
+    assert _run(capsys, _args(tiny_model_dirs, data, run))[0] == 0
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"note": "no step"}\n{"step": 3, "loss": 0.1')  # a line without a step, a half-written one
+    assert main(["plot", str(run / "metrics.jsonl")]) == 0
+    assert (run / "plots" / "loss.png").exists()

@@ -153,7 +153,9 @@ class CheckReport:
             lines.append("Recommended special-token mask list (objective.special_tokens):")
             lines.append("  " + repr(self.recommended_special_tokens))
         else:
-            lines.append("Recommended special-token mask list: none beyond the default (student EOS/template tokens)")
+            lines.append("Recommended special-token mask list: none beyond the default (student EOS/template tokens)"
+                     if self.dry_run or not self.hard_errors else
+                     "Recommended special-token mask list: none (the pair is incompatible; the dry run was skipped)")
         lines.append("")
         if self.hard_errors:
             lines.append("RESULT: INCOMPATIBLE - training will refuse to start with this pair.")
@@ -315,10 +317,11 @@ def _content_spans(text: str, conversation) -> list[tuple[int, int]]:
 
 def _response_candidates(text: str, prompt_text: str | None, ids, offsets, spans, specials) -> list[tuple]:
     """Per token: ``(is_template, judged)``. Only tokens of the assistant's *response* are judged: its
-    template tokens (the turn's end, EOS) and reasoning tags; never prompt text (a system prompt's words
-    are improbable at the start of a sequence, and they never enter the loss)."""
+    template tokens (the turn's end, EOS) and reasoning tags that are single tokens; never prompt text (a
+    system prompt's words are improbable at the start of a sequence, and they never enter the loss)."""
     start = len(prompt_text) if prompt_text is not None and text.startswith(prompt_text) else None
-    tags = [(i, i + len(tag)) for tag in REASONING_TAGS for i in _find_all(text, tag)]
+    # a tag is judged only where it is one token: its pieces ('</think' and '>') are ordinary text elsewhere
+    tags = [(a, b) for a, b in (offsets or []) if text[a:b] in REASONING_TAGS]
     out = []
     for k, tid in enumerate(ids):
         a, b = offsets[k] if offsets is not None else (None, None)
@@ -327,14 +330,6 @@ def _response_candidates(text: str, prompt_text: str | None, ids, offsets, spans
         is_tag = a is not None and any(a < e and s < b for s, e in tags)
         out.append((template, bool(in_response and (template or is_tag))))
     return out
-
-
-def _find_all(text: str, needle: str) -> list[int]:
-    found, i = [], text.find(needle)
-    while i >= 0:
-        found.append(i)
-        i = text.find(needle, i + 1)
-    return found
 
 
 def _dry_run(report: CheckReport, s_tok, teacher_model, t_rows, min_logprob, device) -> list[str]:
@@ -444,6 +439,9 @@ def _student_rows(student_dir: str | Path, trust_remote_code: bool) -> int | Non
     try:
         cfg = AutoConfig.from_pretrained(Path(student_dir), local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:
+        if not (Path(student_dir) / "config.json").is_file():
+            raise ModelLoadError(f"model '{student_dir}': no config.json, so this is not a Hugging Face model "
+                                 "directory") from None
         raise ModelLoadError(
             f"model '{student_dir}': config.json could not be loaded ({type(exc).__name__}: {exc})"
         ) from None
@@ -459,8 +457,11 @@ def run_check(
     dtype: str = "float32",
     min_logprob: float = DEFAULT_MIN_LOGPROB,
     conversation: Sequence[dict] | None = None,
+    chat_template: str = "model",
 ) -> CheckReport:
-    """Load both tokenizers, the student's config and the teacher model, and run :func:`check_pair`."""
+    """Load both tokenizers, the student's config and the teacher model, and run :func:`check_pair`.
+
+    ``chat_template``: the student's template, as ``model.chat_template`` (``model``, ``none`` or a file)."""
     from opdkit.hf import ModelLoadError, load_causal_lm, load_tokenizer
 
     def named(side, fn, *args, **kw):
@@ -470,6 +471,10 @@ def run_check(
             raise ModelLoadError(f"{side}: {exc}") from None
 
     s_tok = named("student", load_tokenizer, student_dir, trust_remote_code=trust_remote_code)
+    if chat_template != "model":
+        from opdkit.data.chat import apply_chat_template_setting
+
+        apply_chat_template_setting(s_tok, chat_template, key="--chat-template")
     t_tok = named("teacher", load_tokenizer, teacher_dir, trust_remote_code=trust_remote_code)
     s_rows = named("student", _student_rows, student_dir, trust_remote_code)
     teacher_model = named("teacher", load_causal_lm, teacher_dir, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -494,22 +499,14 @@ def run_check(
 
 def _same_model(a: str | Path, b: str | Path) -> str | None:
     """``"the same directory"`` / ``"identical weights"`` when the two model directories are one model."""
-    import hashlib
+    from opdkit.hf import model_dir_digest
 
     pa, pb = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
     if pa == pb:
         return "the same directory"
-    files_a = sorted(f.name for f in pa.glob("*.safetensors"))
-    if not files_a or files_a != sorted(f.name for f in pb.glob("*.safetensors")):
-        return None
-    for name in files_a:
-        fa, fb = pa / name, pb / name
-        if fa.stat().st_size != fb.stat().st_size:
-            return None
-        with open(fa, "rb") as x, open(fb, "rb") as y:  # header and first tensors: enough to tell models apart
-            if hashlib.sha256(x.read(1 << 22)).digest() != hashlib.sha256(y.read(1 << 22)).digest():
-                return None
-    return "identical weights (same files)"
+    if list(pa.glob("*.safetensors")) and model_dir_digest(pa) == model_dir_digest(pb):
+        return "identical weights (same files)"
+    return None
 
 
 def require_compatible(report: CheckReport) -> None:

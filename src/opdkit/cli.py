@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -31,9 +32,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
         check_output_dir(Path(args.out).parent if str(Path(args.out).parent) else ".", "--out's directory")
         if Path(args.out).is_dir():
             raise OpdkitError(f"--out '{args.out}': is a directory; give a file name")
+        if path is not None and Path(args.out).resolve() == Path(path).resolve():
+            raise OpdkitError(f"--out '{args.out}': is the input config; write the resolved config elsewhere (it "
+                              "would replace your file and its comments)")
     cfg = load_config(path, overrides)
     if args.out:
-        save_config(cfg, args.out)
+        try:
+            save_config(cfg, args.out)
+        except OSError as exc:
+            raise OpdkitError(f"--out '{args.out}': cannot be written ({exc.strerror or exc})") from None
         print(f"wrote {args.out}")
     else:
         sys.stdout.write(config_to_yaml(cfg))
@@ -41,6 +48,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.steps is not None and not args.toy:
+        raise OpdkitError("--steps goes with --toy (the full demo's length is optim.total_steps=N)")
+    if args.toy and (args.out or args.compare or args.overrides or args.cache_dir):
+        raise OpdkitError("--toy runs in memory and takes only --steps (no --out, --compare, --cache-dir or "
+                          "overrides)")
     if args.toy:
         from opdkit.demo.toy import main as toy_main
 
@@ -53,6 +65,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise OpdkitError(f"demo: expected a.b=value overrides, got {path!r}")
     run_demo(args.out, compare=args.compare, cache_dir=args.cache_dir, overrides=overrides)
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -73,10 +104,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(path, overrides)
         run_dir = cfg.run.out_dir
     try:
-        trainer = Trainer(cfg, run_dir, resume=bool(args.resume), from_checkpoint=args.checkpoint,
-                          overwrite=cfg.run.overwrite and not args.resume)
+        with _terminate_as_interrupt():  # SIGTERM while loading: stop as cleanly as on Ctrl-C
+            trainer = Trainer(cfg, run_dir, resume=bool(args.resume), from_checkpoint=args.checkpoint,
+                              overwrite=cfg.run.overwrite and not args.resume)
     except KeyboardInterrupt:
-        raise Interrupted("interrupted during start-up; nothing was written") from None
+        print("opdkit train: interrupted during start-up; nothing was written", file=sys.stderr)
+        return 130
     try:
         result = trainer.run()
     except KeyboardInterrupt:
@@ -118,6 +151,8 @@ def _device(name: str | None, what: str):
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise OpdkitError(f"{what}: {name!r} is not a device (expected cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise OpdkitError(f"{what}: {name!r} is not supported (expected cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OpdkitError(f"{what}: {name!r}, but this machine has no usable CUDA GPU (or torch is a CPU build)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -131,7 +166,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from opdkit.check import run_check
 
     report = run_check(args.student, args.teacher, trust_remote_code=args.trust_remote_code,
-                       device=_device(args.device, "--device"))
+                       device=_device(args.device, "--device"), chat_template=args.chat_template)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     return 0 if report.ok else 1
 
@@ -216,6 +251,8 @@ exit status: 0 done; 2 bad input (the message names the file, line, key or argum
     p.add_argument("--teacher", required=True, help="teacher model directory")
     p.add_argument("--device", default=None, help="device for the teacher's dry run (default: CPU)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--chat-template", default="model", metavar="model|none|FILE",
+                   help="the student's chat template, as model.chat_template (default: the tokenizer's own)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow modelling code shipped with the models")
     p.set_defaults(func=_cmd_check)
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from opdkit.errors import OpdkitError
 
-__all__ = ["ModelLoadError", "resolve_dtype", "load_tokenizer", "load_causal_lm"]
+__all__ = ["ModelLoadError", "resolve_dtype", "load_tokenizer", "load_causal_lm", "model_dir_digest"]
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 _DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")
 
@@ -43,6 +45,9 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, require
     from transformers import AutoTokenizer
 
     p = _check_dir(path, "tokenizer")
+    if not any((p / f).exists() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(f"tokenizer '{path}': no tokenizer files in the directory (expected one of "
+                             f"{', '.join(_TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types here; the path is what the user needs
@@ -83,3 +88,22 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", trust_remote_cod
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def model_dir_digest(path: str | Path) -> str:
+    """A digest that tells model directories apart cheaply: ``config.json``, the tokenizer files, and the
+    size and first 4 MiB of every weight file (a safetensors header lists every tensor's name, shape and
+    offset, and the first tensors follow it)."""
+    import hashlib
+
+    p = Path(path).expanduser()
+    h = hashlib.sha256()
+    for name in ("config.json", *_TOKENIZER_FILES, "chat_template.jinja"):
+        f = p / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    for f in sorted(p.glob("*.safetensors")):
+        h.update(f.name.encode() + str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 22))
+    return h.hexdigest()

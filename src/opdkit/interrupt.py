@@ -9,7 +9,9 @@ step. A second signal abandons the step at once (the last checkpoint then stands
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 
 from opdkit.errors import OpdkitError
@@ -45,6 +47,9 @@ class StopRequests:
         if self.signal_name is not None:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: abandoning the step")
         self.signal_name = signal.Signals(signum).name
+        if os.environ.get("RANK", "0") == "0":  # say at once that it was heard (a step can take minutes)
+            print(f"\nopdkit: {self.signal_name} received: finishing the current step, then saving a checkpoint "
+                  "(a second signal abandons the step)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():

@@ -16,6 +16,8 @@ def check_output_dir(path: str | Path, what: str) -> Path:
     ``what`` names the setting or argument in the message (``run.out_dir``, ``--out``).
     """
     p = Path(path)
+    if any(len(os.fsencode(part)) > 255 for part in p.parts):
+        raise OpdkitError(f"{what} '{path}': a name in it is longer than 255 bytes")
     if p.exists():
         if not p.is_dir():
             raise OpdkitError(f"{what} '{path}': exists and is not a directory")
@@ -29,4 +31,10 @@ def check_output_dir(path: str | Path, what: str) -> Path:
         raise OpdkitError(f"{what} '{path}': cannot be created ('{parent}' is a file, not a directory)")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OpdkitError(f"{what} '{path}': cannot be created (no permission to write in '{parent}')")
+    probe = parent / f".opdkit-probe-{os.getpid()}"  # some file systems (/proc, read-only mounts) refuse anyway
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise OpdkitError(f"{what} '{path}': cannot be created in '{parent}' ({exc.strerror or exc})") from None
     return p

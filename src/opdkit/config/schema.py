@@ -213,13 +213,20 @@ class EvalConfig:
 class RunConfig:
     """Bookkeeping: output directory, seeds, checkpoints, logging, device."""
 
-    out_dir: str | None = _f(None, "run directory; null = a new directory under runs/")
+    out_dir: str | None = _f(
+        None, "run directory (new or empty; paths are relative to the working directory, ~ expanded); null = a "
+        "new directory under runs/"
+    )
     seed: int = _f(0, "seed of the data order and of the mini-batch split", ge=0)
     save_every: int = _f(50, "checkpoint every this many steps; 0 = only at the end", ge=0)
     keep_last: int = _f(2, "checkpoints kept on disk", ge=1)
     log_every: int = _f(1, "log metrics every this many steps (the last step is always logged)", ge=1)
     tensorboard: bool = _f(True, "also write TensorBoard event files")
-    overwrite: bool = _f(False, "allow writing into an existing, non-empty out_dir")
+    overwrite: bool = _f(
+        False,
+        "start again in an out_dir that opdkit created as a run (it has .opdkit-run): its run files are removed, "
+        "any other file stays; a folder opdkit did not create is never written to",
+    )
     device: str = _f(
         "auto",
         "auto = cuda when available, else cpu; cuda on a machine without CUDA is an error. Under torchrun or "

@@ -45,9 +45,19 @@ def apply_chat_template_setting(tokenizer, setting: str, *, key: str = "model.ch
         if not path.is_file():
             raise InputError(f"{key}: '{setting}' is neither 'model', 'none' nor a template file that exists")
         try:
-            tokenizer.chat_template = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"{key}: cannot read the template file '{setting}' ({exc})") from None
+        if not text.strip():
+            raise InputError(f"{key}: the template file '{setting}' is empty")
+        try:
+            import jinja2
+
+            jinja2.Environment().parse(text)
+        except jinja2.TemplateSyntaxError as exc:
+            raise InputError(f"{key}: '{setting}' line {exc.lineno}: not a valid Jinja template "
+                             f"({exc.message})") from None
+        tokenizer.chat_template = text
     return tokenizer
 
 
@@ -59,15 +69,25 @@ def render_chat_text(tokenizer, messages: Sequence[Mapping[str, str]], *, add_ge
             f"tokenizer '{name}': has no chat template, so chat prompts cannot be rendered (add one to the "
             "tokenizer: a chat_template in tokenizer_config.json or a chat_template.jinja file)"
         )
-    return tokenizer.apply_chat_template(
-        [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as exc:  # jinja2's TemplateError and the errors a template raises on purpose
+        if type(exc).__module__.startswith("jinja2") or "Template" in type(exc).__name__:
+            name = getattr(tokenizer, "name_or_path", "") or "<tokenizer>"
+            raise InputError(f"the chat template of '{name}' failed on a conversation with roles "
+                             f"{[m.get('role') for m in messages]}: {exc}") from None
+        raise
 
 
 def render_chat(tokenizer, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
     """Token ids of ``messages`` rendered with the chat template (special tokens come from the template)."""
     text = render_chat_text(tokenizer, messages, add_generation_prompt=add_generation_prompt)
-    return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    try:
+        return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    except (TypeError, UnicodeEncodeError) as exc:  # e.g. a lone surrogate the tokenizer cannot encode
+        raise InputError(f"a prompt cannot be tokenized ({type(exc).__name__}: {exc}): is it valid text?") from None
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:

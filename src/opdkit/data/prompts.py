@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opdkit.data.jsonl import DataError, read_jsonl
+from opdkit.errors import InputError
 
 __all__ = ["DataError", "PromptRecord", "ROLES", "check_prompt_lengths", "filter_long_prompts", "load_prompts"]
 
@@ -51,6 +52,8 @@ def _messages(value, where: str, key: str) -> tuple[dict, ...]:
         if not m["content"].strip():
             raise DataError(f"{where}: field '{key}', message {j} ({m['role']}): empty content")
         out.append({"role": m["role"], "content": m["content"]})
+    if all(m["role"] == "system" for m in out):
+        raise DataError(f"{where}: field '{key}' has only system messages: a prompt needs a user turn (or another)")
     return tuple(out)
 
 
@@ -98,7 +101,10 @@ def check_prompt_lengths(
     kept, long = [], []
     for r in records:
         chars = sum(len(m["content"]) for m in r.messages)
-        n = None if chars > 64 * max_tokens else len(render_chat(tokenizer, r.messages))
+        try:
+            n = None if chars > 64 * max_tokens else len(render_chat(tokenizer, r.messages))
+        except InputError as exc:
+            raise DataError(f"{r.source or 'a prompt'}: {exc}") from None
         if n is None or n > max_tokens:
             long.append((r, n))
             if overflow == "truncate_left":

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from opdkit.config import Config, apply_overrides, config_from_dict, load_config
+from opdkit.errors import OpdkitError
 
 __all__ = ["ARMS", "DemoArm", "demo_config", "run_demo"]
 
@@ -198,6 +199,9 @@ def _plot_compare(results: dict[str, dict], teacher_acc: float, student_acc: flo
     plt.close(fig)
 
 
+_DEMO_MARK = "created by opdkit demo\n"
+
+
 def run_demo(
     out_dir: str | Path | None = None,
     *,
@@ -213,10 +217,18 @@ def run_demo(
     from opdkit.train.run_dir import MARKER_FILE, check_run_dir, new_run_dir
 
     start = time.perf_counter()
+    from opdkit.paths import check_output_dir
+
     out = Path(out_dir) if out_dir is not None else new_run_dir("runs", "demo")
-    check_run_dir(out, resume=False, overwrite=True, what="--out")  # new, empty, or an earlier demo's output
+    check_run_dir(out, resume=False, overwrite=True, what="--out")  # new, empty, or opdkit's own
+    if (out / MARKER_FILE).is_file() and (out / MARKER_FILE).read_text() != _DEMO_MARK:
+        raise OpdkitError(f"--out '{out}': holds a training run, not an earlier demo's output; choose another")
+    if cache_dir is not None:
+        check_output_dir(cache_dir, "--cache-dir")
+    if overrides:  # checked now, not after minutes of building models
+        apply_overrides(demo_config(), overrides)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER_FILE).write_text("created by opdkit demo\n")
+    (out / MARKER_FILE).write_text(_DEMO_MARK)
     models = prepare_demo_models(cache_dir, log=log, settings=settings)
     cfg = demo_config({"model.path": str(models.student_dir), "teacher.path": str(models.teacher_dir)})
     if overrides:

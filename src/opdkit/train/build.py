@@ -15,6 +15,8 @@ different numbers of forward passes (their micro-batches and responses differ).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,7 @@ class Components:
     special_ids: list[int]
     prompts: list
     head_description: str
+    identity: dict  # digests of the student and teacher directories and of the chat template, checked on resume
     load_dtype: torch.dtype = torch.float32  # the dtype the student was loaded in: the exported model's
 
 
@@ -80,6 +83,26 @@ def _device_settings(cfg: Config) -> bool:
         raise OpdkitError("run.device: 'cuda' was asked for, but this machine has no usable CUDA GPU "
                           "(torch.cuda.is_available() is False); use run.device=cpu or auto")
     return cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+
+
+PATH_KEYS = ("model.path", "teacher.path", "data.train_path", "data.eval_path", "run.out_dir")
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """``cfg`` with its paths absolute (relative to the working directory) and ``~`` expanded; so is
+    ``model.chat_template`` when it names a file."""
+    from opdkit.config import apply_overrides
+
+    fix = {}
+    for key in PATH_KEYS + ("model.chat_template",):
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None or (key == "model.chat_template" and value in ("model", "none")):
+            continue
+        absolute = os.path.abspath(os.path.expanduser(value))
+        if absolute != value:
+            fix[key] = absolute
+    return apply_overrides(cfg, fix) if fix else cfg
 
 
 def refuse_unsupported(cfg: Config) -> None:
@@ -186,19 +209,21 @@ def build_components(
     from accelerate.utils import DistributedDataParallelKwargs
 
     from opdkit.check import check_pair, require_compatible
-    from opdkit.config import load_config
     from opdkit.data.chat import apply_chat_template_setting
     from opdkit.data.prompts import check_prompt_lengths
-    from opdkit.hf import load_causal_lm, load_tokenizer
+    from opdkit.hf import load_causal_lm, load_tokenizer, model_dir_digest
     from opdkit.modeling import causal_lm, output_head, verify_output_head, vocab_rows
     from opdkit.objectives import build_objective
     from opdkit.rollout import build_sampler
     from opdkit.special_tokens import resolve_special_ids
     from opdkit.teacher import build_teacher
-    from opdkit.train.run_dir import CONFIG_FILE, check_run_dir, create_run_dir, new_run_dir, write_run_config
+    from opdkit.train.run_dir import check_run_dir, create_run_dir, new_run_dir
     from opdkit.train.schedule import make_scheduler
 
     refuse_unsupported(cfg)
+    cfg = resolve_paths(cfg)  # absolute, ~ expanded: a run resumes from any working directory
+    if run_dir is not None:
+        run_dir = os.path.abspath(os.path.expanduser(str(run_dir)))
     cuda = _device_settings(cfg)
     accelerator = Accelerator(
         cpu=not cuda,
@@ -297,15 +322,17 @@ def build_components(
         evaluator = _build_evaluator(cfg, dist, generate_fn, eval_problems)
     head_description = objective.describe(output_head(inner))
 
-    if dist.is_main:
-        if not resume:
-            create_run_dir(cfg, path, overwrite=overwrite)
-        elif load_config(path / CONFIG_FILE) != cfg:  # allowed resume overrides (opdkit.train.run_dir)
-            write_run_config(cfg, path)
+    if dist.is_main and not resume:
+        create_run_dir(cfg, path, overwrite=overwrite)
     dist.barrier()
     return Components(
         cfg=cfg, run_dir=path, accelerator=accelerator, dist=dist, precision=precision, tokenizer=tokenizer,
         module=module, lm=inner, optimizer=optimizer, scheduler=scheduler, sampler=sampler, teacher=teacher,
         objective=objective, evaluator=evaluator, special_ids=special_ids, prompts=records,
         head_description=head_description, load_dtype=load_dtype,
+        identity={
+            "student_sha256": model_dir_digest(cfg.model.path),
+            "teacher_sha256": model_dir_digest(cfg.teacher.path),
+            "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
+        },
     )

@@ -133,6 +133,14 @@ def save_checkpoint(run_dir: str | Path, step: int, *, accelerator, dist, traine
             _fsync_dir(root)
             for stale in list_checkpoints(run_dir)[:-keep_last]:
                 shutil.rmtree(stale.path, ignore_errors=True)
+    except Exception as exc:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(run_dir)
+        kept = f"the previous checkpoint ({previous[-1].path}) is intact" if previous else "no earlier checkpoint"
+        reason = str(exc).splitlines()[0] if str(exc) else "no details"
+        raise CheckpointError(f"checkpoint of step {step} could not be written ({type(exc).__name__}: {reason}; "
+                              f"disk full?); {kept}") from None
     except BaseException:
         if dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)

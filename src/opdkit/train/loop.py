@@ -174,6 +174,10 @@ class Trainer:
             remove_partial_checkpoints(self.run_dir)
         dist.barrier()
         ckpts = list_checkpoints(self.run_dir)
+        incomplete = sorted(p.name for p in (self.run_dir / "checkpoints").glob("step-*")
+                            if p.is_dir() and not (p / "COMPLETE").exists())
+        if incomplete:
+            self.log(f"opdkit: skipping incomplete checkpoint(s) {', '.join(incomplete)} (no COMPLETE marker)")
         if self.from_checkpoint is not None:
             chosen = [c for c in ckpts if c.step == self.from_checkpoint]
             if not chosen:
@@ -196,25 +200,38 @@ class Trainer:
             state = load_checkpoint(ckpt, accelerator=self.c.accelerator)
         except CheckpointError as exc:
             older = [c for c in ckpts if c.step < ckpt.step]
-            hint = (f"; the previous complete checkpoint is step {older[-1].step}: resume from it with "
-                    f"`opdkit train --resume {self.run_dir} --checkpoint {older[-1].step}`" if older
-                    else "; there is no older checkpoint")
-            raise CheckpointError(f"{exc}{hint}") from None
-        digest = state.get("prompts_sha256")
-        if digest is not None and digest != self.prompts_digest:
-            raise CheckpointError(
-                f"the training prompts ({self.cfg.data.train_path}) are not the ones this run started with (their "
-                "digest differs): the data order of the remaining steps would change; point data.train_path at the "
-                "run's own prompts"
-            )
+            hint = (f"; the previous complete checkpoint is step {older[-1].step}: resume from it by adding "
+                    f"--checkpoint {older[-1].step} to the same command (`opdkit train --resume {self.run_dir} "
+                    f"--checkpoint {older[-1].step} ...`)" if older else "; there is no older checkpoint")
+            raise CheckpointError(f"{str(exc).splitlines()[0]}{hint}") from None
+        self._check_identity(state)
         if dist.is_main:
             for newer in (c for c in ckpts if c.step > ckpt.step):
-                newer.path.rename(newer.path.with_name(f".abandoned-{newer.path.name}"))
+                target, i = newer.path.with_name(f".abandoned-{newer.path.name}"), 1
+                while target.exists():
+                    target, i = newer.path.with_name(f".abandoned-{newer.path.name}-{i}"), i + 1
+                newer.path.rename(target)
             truncate_metrics(self.run_dir, ckpt.step)
         dist.barrier()
         self.last_checkpoint = ckpt.path
         self.log(f"opdkit: resuming from {ckpt.path} (step {ckpt.step} of {self.cfg.optim.total_steps})")
         return ckpt.step, state
+
+    def _check_identity(self, state: dict) -> None:
+        """A resumed run trains the same prompts, from the same models, with the same chat template."""
+        checks = [
+            ("prompts_sha256", self.prompts_digest, f"the training prompts ({self.cfg.data.train_path}) are not the "
+             "ones this run started with: the data order of the remaining steps would change"),
+            ("student_sha256", self.c.identity["student_sha256"], f"model.path ({self.cfg.model.path}) is not the "
+             "model this run started from (its config, tokenizer or weights differ)"),
+            ("teacher_sha256", self.c.identity["teacher_sha256"], f"teacher.path ({self.cfg.teacher.path}) is not "
+             "the teacher this run started with (its config, tokenizer or weights differ)"),
+            ("chat_template_sha256", self.c.identity["chat_template_sha256"], "the chat template differs from the "
+             "one this run started with (model.chat_template, or the model's tokenizer)"),
+        ]
+        for key, now, message in checks:
+            if state.get(key) is not None and state[key] != now:
+                raise CheckpointError(f"--resume {self.run_dir}: {message}")
 
     # ------------------------------------------------------------------------------------------- loop
     def _evaluate(self, step: int, metrics: dict[str, Any]) -> None:
@@ -230,6 +247,12 @@ class Trainer:
         """
         cfg, dist = self.cfg, self.c.dist
         start, counters = self._restore()
+        if self.resumed and dist.is_main:  # allowed resume overrides, kept once the resume is known to work
+            from opdkit.config import load_config
+            from opdkit.train.run_dir import CONFIG_FILE, write_run_config
+
+            if load_config(self.run_dir / CONFIG_FILE) != cfg:
+                write_run_config(cfg, self.run_dir)
         logger = None
         if dist.is_main:
             logger = MetricsLogger(self.run_dir, tensorboard=cfg.run.tensorboard, from_step=start + 1)
@@ -288,7 +311,7 @@ class Trainer:
                     f"({metrics.get('skip_reason', 'non-finite')}); last good checkpoint: {last}"
                 )
             counters = {"prompt_counter": prompt_counter, "skipped_steps": skipped_total,
-                        "consecutive_skipped": consecutive, "prompts_sha256": self.prompts_digest}
+                        "consecutive_skipped": consecutive, "prompts_sha256": self.prompts_digest, **self.c.identity}
             # A skipped step changed nothing but counters: the last checkpoint stays the last good one.
             due = (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or done
             saved = bool(due and not metrics["skipped"])
@@ -336,11 +359,30 @@ class Trainer:
                 # save_pretrained named the master weights' float32; the file holds `dtype`
                 _set_config_dtype(tmp / "config.json", dtype)
             self.c.tokenizer.save_pretrained(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            _replace_export(tmp, final)
         dist.barrier()
         return final
+
+
+def _replace_export(tmp: Path, final: Path) -> None:
+    """Put the export in ``tmp`` in place of ``final``, listing its files in a manifest; files in the old
+    ``final/`` that an export did not write (the user's) are carried over, never deleted."""
+    import json
+
+    from opdkit.train.run_dir import EXPORT_MANIFEST
+
+    written = sorted(p.name for p in tmp.iterdir())
+    (tmp / EXPORT_MANIFEST).write_text(json.dumps(written))
+    if final.exists():
+        try:
+            ours = set(json.loads((final / EXPORT_MANIFEST).read_text())) | {EXPORT_MANIFEST}
+        except (OSError, ValueError):
+            ours = {EXPORT_MANIFEST}
+        for child in final.iterdir():
+            if child.name not in ours and not (tmp / child.name).exists():
+                child.rename(tmp / child.name)
+        shutil.rmtree(final)
+    tmp.rename(final)
 
 
 def _digest(records) -> str:

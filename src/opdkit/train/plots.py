@@ -34,10 +34,11 @@ def _read(path: Path) -> list[dict]:
 
     if not path.exists():
         raise OpdkitError(f"'{path}': no such file (is this a run directory?)")
-    try:
-        return [row for _, row in read_jsonl(path, what="metrics file")]
+    try:  # a live run may have a half-written last line: skipped; so are lines without a step
+        rows = [row for _, row in read_jsonl(path, what="metrics file", skip_bad_lines=True)]
     except DataError as exc:
         raise OpdkitError(str(exc)) from None
+    return [r for r in rows if isinstance(r.get("step"), (int, float)) and not isinstance(r.get("step"), bool)]
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -50,6 +51,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     from opdkit.paths import check_output_dir
 
     run = Path(run_dir)
+    if run.is_file() and run.suffix == ".jsonl":  # the metrics file itself
+        run = run.parent
     if not run.is_dir():
         raise OpdkitError(f"RUN_DIR '{run_dir}': no such run directory")
     out = Path(out_dir) if out_dir is not None else run / "plots"
@@ -57,7 +60,10 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     rows = _read(run / "metrics.jsonl")
     if not any(isinstance(v, (int, float)) for r in rows for k, v in r.items() if k != "step"):
         raise OpdkitError(f"'{run / 'metrics.jsonl'}': no metrics to plot yet (the run has logged no step)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OpdkitError(f"--out '{out}': cannot be created ({exc.strerror or exc})") from None
     written = []
     for filename, (title, keys) in PANELS.items():
         series = {}

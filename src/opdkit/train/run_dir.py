@@ -10,8 +10,11 @@ Rules, so that nothing a user made is ever deleted:
   ``config.yaml``, only once the whole start-up (config, data, models, compatibility) has succeeded, so a
   failed start leaves nothing behind;
 - ``run.overwrite=true`` reuses a directory only if it carries the marker, and then removes only the
-  entries opdkit writes into a run (listed in :data:`RUN_ENTRIES`); any other file stays where it is;
-- a non-empty directory without the marker is refused, whatever ``run.overwrite`` says.
+  files opdkit wrote into the run (:func:`remove_run_files`): its top-level files, checkpoint directories,
+  TensorBoard event files, the plots it drew and the exported model's files (listed by the export); any
+  other file, at any depth, stays where it is;
+- a non-empty directory without the marker is refused, whatever ``run.overwrite`` says, and so is
+  ``--resume`` of a directory without the marker.
 """
 
 from __future__ import annotations
@@ -37,26 +40,31 @@ __all__ = [
     "new_run_dir",
     "prepare_run_dir",
     "RESUME_OVERRIDES",
+    "EXPORT_MANIFEST",
+    "remove_run_files",
     "resume_config",
     "write_run_config",
 ]
 
 CONFIG_FILE = "config.yaml"
 MARKER_FILE = ".opdkit-run"
-#: What opdkit writes into a run directory; run.overwrite=true removes these and nothing else.
+#: Files opdkit writes at the top of a run directory (the trainer, `opdkit analyze run`, the demo).
 RUN_ENTRIES = (
-    MARKER_FILE, CONFIG_FILE, "metrics.jsonl", "metrics.jsonl.tmp", "tensorboard", "checkpoints", "final",
-    ".final-tmp", "plots", "run_report.md", "demo_summary.json", "compare.md", "compare.png",
+    MARKER_FILE, CONFIG_FILE, "config.yaml.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "run_report.md",
+    "training.png", "failure_modes.png", "demo_summary.json", "compare.md", "compare.png",
 )
+#: The manifest the export writes into ``final/``: the files it wrote (run.overwrite removes those only).
+EXPORT_MANIFEST = ".opdkit-export.json"
 
 
 #: What ``opdkit train --resume DIR a.b=value`` may change: where things are, how long the run is, and
 #: bookkeeping that does not change the math of the steps already taken.
 RESUME_OVERRIDES = (
-    "model.path", "teacher.path", "data.train_path", "data.eval_path", "optim.total_steps", "run.save_every",
-    "run.keep_last", "run.log_every", "run.tensorboard", "run.device", "teacher.chunk_size",
-    "model.logits_chunk_size", "eval.every_steps", "eval.batch_size",
+    "model.path", "teacher.path", "data.train_path", "data.eval_path", "model.chat_template", "optim.total_steps",
+    "run.save_every", "run.keep_last", "run.log_every", "run.tensorboard", "run.device", "teacher.chunk_size",
+    "model.logits_chunk_size", "eval.*",
 )
+# (A moved model, teacher, prompt file or chat template is checked to be the same on resume: digests.)
 
 
 class RunDirError(OpdkitError, ValueError):
@@ -77,16 +85,53 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / MARKER_FILE).is_file()
 
 
+def remove_run_files(path: Path) -> None:
+    """Remove what opdkit wrote into the run ``path`` and nothing else (empty folders it made go too)."""
+    import json
+    import re
+
+    from opdkit.train.plots import PANELS
+
+    for name in RUN_ENTRIES:
+        if (path / name).is_file() or (path / name).is_symlink():
+            (path / name).unlink()
+    owned = {
+        "checkpoints": lambda c: c.is_dir() and re.match(r"^(step-\d{6,}|\.tmp-.*|\.abandoned-.*)$", c.name),
+        "tensorboard": lambda c: c.is_file() and c.name.startswith("events.out.tfevents."),
+        "plots": lambda c: c.is_file() and c.name in PANELS,
+        ".final-tmp": lambda c: True,
+    }
+    final = path / "final"
+    if (final / EXPORT_MANIFEST).is_file():
+        try:
+            listed = set(json.loads((final / EXPORT_MANIFEST).read_text())) | {EXPORT_MANIFEST}
+        except (OSError, ValueError):
+            listed = {EXPORT_MANIFEST}
+        owned["final"] = lambda c: c.name in listed
+    for sub, mine in owned.items():
+        folder = path / sub
+        if not folder.is_dir():
+            continue
+        for child in folder.iterdir():
+            if mine(child):
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool, what: str = "run.out_dir") -> Path:
     """Refuse, before anything is built or written, a run directory that cannot be used as asked."""
     path = Path(run_dir)
     if resume and overwrite:
         raise RunDirError("resume and overwrite exclude each other: pick one")
     if resume:
-        if not path.is_dir():
+        if not path.exists():
             raise RunDirError(f"--resume '{path}': no such run directory")
-        if not (path / CONFIG_FILE).exists():
-            raise RunDirError(f"--resume '{path}': nothing to resume (no {CONFIG_FILE}: not an opdkit run directory)")
+        if not path.is_dir():
+            raise RunDirError(f"--resume '{path}': not a directory (give the run's directory)")
+        if not is_run_dir(path) or not (path / CONFIG_FILE).exists():
+            raise RunDirError(f"--resume '{path}': not a run directory opdkit created (no {MARKER_FILE} and "
+                              f"{CONFIG_FILE}); opdkit resumes only its own runs")
         return path
     check_output_dir(path, what)
     if not path.exists() or not any(path.iterdir()):
@@ -109,13 +154,11 @@ def create_run_dir(cfg: Config, run_dir: str | Path, *, overwrite: bool) -> Path
     its marker and ``config.yaml``. Called once everything the run needs has loaded, by one process."""
     path = check_run_dir(run_dir, resume=False, overwrite=overwrite)
     if path.exists() and is_run_dir(path):
-        for name in RUN_ENTRIES:
-            entry = path / name
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            elif entry.exists() or entry.is_symlink():
-                entry.unlink()
-    path.mkdir(parents=True, exist_ok=True)
+        remove_run_files(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"run.out_dir '{path}': cannot be created ({exc.strerror or exc})") from None
     (path / MARKER_FILE).write_text("created by opdkit as a run directory; run.overwrite=true may remove its "
                                     "run files\n")
     save_config(cfg, path / CONFIG_FILE)
@@ -147,7 +190,10 @@ def resume_config(run_dir: str | Path, overrides) -> Config:
     new = apply_overrides(cfg, overrides)
     old_d, new_d = config_to_dict(cfg), config_to_dict(new)
     changed = [f"{s}.{k}" for s, fields in new_d.items() for k, v in fields.items() if old_d[s][k] != v]
-    refused = [k for k in changed if k not in RESUME_OVERRIDES]
+    for key in ("run.out_dir", "run.overwrite"):
+        if key in changed:
+            raise RunDirError(f"--resume {path}: {key} does not apply to a resumed run (it stays in {path})")
+    refused = [k for k in changed if k not in RESUME_OVERRIDES and not k.startswith("eval.")]
     if refused:
         raise RunDirError(
             f"--resume {path}: {', '.join(refused)} cannot change when a run is resumed (it would change the math "
