@@ -122,6 +122,52 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from opdkit.errors import InputError
+    from opdkit.eval.evaluator import EvalSettings
+    from opdkit.eval.run import format_table, run_eval
+    from opdkit.interrupt import Interrupted
+
+    fields = {}
+    for item in args.field or []:
+        key, sep, column = item.partition("=")
+        if not sep or key not in ("prompt", "answer") or not column:
+            raise OpdkitError(f"--field {item!r}: expected prompt=COLUMN or answer=COLUMN")
+        fields[key] = column
+    if args.greedy and (args.temperature is not None or args.top_p is not None):
+        raise OpdkitError("--greedy decodes greedily: drop --temperature and --top-p")
+    d = _eval_defaults()
+    try:
+        settings = EvalSettings(
+            n_samples=args.n, temperature=args.temperature if args.temperature is not None else d.temperature,
+            top_p=args.top_p if args.top_p is not None else d.top_p, greedy=args.greedy,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+            fallbacks=tuple(args.fallback or ()), grading_processes=args.grading_processes,
+            grading_timeout_s=args.grading_timeout)
+    except InputError as exc:
+        raise OpdkitError(f"{exc} (flags --n, --temperature, --top-p, --max-new-tokens, --batch-size, "
+                          "--fallback, --grading-processes, --grading-timeout)") from None
+    try:
+        with _terminate_as_interrupt():
+            summary = run_eval(args.model, args.benchmark, args.out, settings, fields=fields,
+                               template=args.prompt_template, system=args.system, max_problems=args.max_problems,
+                               ks=args.k, device=args.device, precision=args.precision,
+                               chat_template=args.chat_template, trust_remote_code=args.trust_remote_code,
+                               progress=not args.no_progress)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; the samples drawn so far are in {args.out}/samples.jsonl. Run the same "
+                          "command to continue") from None
+    print(format_table(summary), end="")
+    print(f"wrote {args.out}/summary.json, summary.md and samples.jsonl")
+    return 0
+
+
+def _eval_defaults():
+    from opdkit.config import EvalConfig
+
+    return EvalConfig()
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from opdkit.train.plots import plot_run
 
@@ -234,6 +280,68 @@ exit status: 0 done; 2 bad input (the message names the file, line, key or argum
     p.add_argument("what", choices=("variance", "run"))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="flags of the mode (see opdkit analyze MODE --help)")
     p.set_defaults(func=_cmd_analyze)
+
+    d = _eval_defaults()
+    p = sub.add_parser(
+        "eval",
+        help="sample answers on benchmarks and grade them (avg@n, pass@k)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate a model: n sampled answers per problem of each benchmark, graded by symbolic "
+        "equivalence (math-verify) of the last \\boxed{} after </think>, or by a task's own verifier. Writes "
+        "samples.jsonl, summary.json and summary.md under --out and prints the table. Running the same command "
+        "again continues an interrupted evaluation.",
+        epilog="""benchmarks (--benchmark, repeatable):
+  NAME=FILE        a .jsonl, .json or .parquet file. Known columns: problem|question|Problem|prompt and
+                   answer|final_answer|Answer (or the last \\boxed{} of solution) -- the public releases of
+                   MATH500, AIME24, AIME25, Minerva, OlympiadBench and GSM8K ("#### N") read as they are, and
+                   so does opdkit's training format ({"prompt": text or chat messages, "answer": ...}).
+                   Other columns: --field prompt=COLUMN --field answer=COLUMN.
+  NAME=hf:DATASET[:SPLIT]   through the datasets library (online, or its cache filled); split default test
+  demo             the demo's arithmetic task (eval split)
+  rg:TASK          a reasoning-gym task (procedural, offline, graded by its own verifier), e.g. rg:chain_sum
+
+prompts: a problem becomes one user message by --prompt-template ({problem}; default: the problem then
+  "Please reason step by step, and put your final answer within \\boxed{}."); a "prompt" column is used as is.
+  The model's chat template renders it (--chat-template none for a base model).
+metrics: avg@n = mean correctness over the n samples of each problem (pass@1); pass@k unbiased (Chen et
+  al. 2021) for k <= n; 95% intervals over problems; the average weighs each benchmark once.
+exit status: 0 done; 2 bad input; 75 interrupted (samples so far kept: run the same command to continue).""",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face causal-LM directory (e.g. RUN/final)")
+    p.add_argument("--benchmark", action="append", required=True, metavar="NAME=FILE",
+                   help="a benchmark (repeatable; see below)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (new, empty, or an evaluation "
+                   "to continue)")
+    p.add_argument("--n", type=int, default=d.n_samples, metavar="N", help="samples per problem (default %(default)s)")
+    p.add_argument("--k", type=int, action="append", metavar="K",
+                   help="report pass@K (repeatable; default 1, 2, 4, ... up to n)")
+    p.add_argument("--temperature", type=float, default=None, help=f"sampling temperature (default {d.temperature})")
+    p.add_argument("--top-p", type=float, default=None, help=f"nucleus threshold (default {d.top_p})")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling (with --n 1)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="response budget in tokens (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="answers per generate call "
+                   "(default %(default)s)")
+    p.add_argument("--max-problems", type=int, default=0, help="only the first N problems of each benchmark "
+                   "(the size of a built-in task; default: all, 100 for rg:)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every sample (default 0)")
+    p.add_argument("--fallback", action="append", choices=("answer_is", "answer_colon", "hash", "last_number"),
+                   help="when a response has no \\boxed{}, try this (repeatable, in order; default: none)")
+    p.add_argument("--field", action="append", metavar="prompt|answer=COLUMN", help="column names of a file")
+    p.add_argument("--prompt-template", default=None, metavar="TEXT", help="how a problem becomes the user message")
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system message before every prompt")
+    p.add_argument("--grading-processes", type=int, default=d.grading_processes,
+                   help="worker processes grading math answers; 0 = in this process (default %(default)s)")
+    p.add_argument("--grading-timeout", type=float, default=d.grading_timeout_s, metavar="SECONDS",
+                   help="time limit of one grade; an answer over it counts as wrong (default %(default)s)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto = bf16 on a GPU that supports it, else fp32")
+    p.add_argument("--chat-template", default="model", metavar="model|none|FILE",
+                   help="the chat template, as model.chat_template (default: the tokenizer's own)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow modelling code shipped with the model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("plot", help="PNG curves of a run's metrics", description="Plot RUN_DIR/metrics.jsonl.")
     p.add_argument("run_dir", metavar="RUN_DIR")

@@ -181,23 +181,24 @@ def test_a_problems_response_does_not_depend_on_the_batch(tok, tiny_model):
     assert generate_responses(tiny_model, tok, problems, batch_size=1, **kw) == whole
 
 
-def test_demo_accuracy_and_the_trainers_evaluator_sample_the_same_responses(tok, tiny_model):
-    """One sampler: evaluate_accuracy and SamplingEvaluator (the OPD curve's evaluator) with the same seed
-    grade the same responses."""
-    from opdkit.data import PromptRecord
-    from opdkit.eval import EvalSettings, SamplingEvaluator
+def test_demo_accuracy_is_the_trainers_evaluator(tok, tiny_model):
+    """One evaluator: evaluate_accuracy (the demo's before/after numbers and early-stop checks) is the mean
+    correctness of the samples that opdkit.eval's SamplingEvaluator draws and grades, and those samples do
+    not depend on the batch size."""
+    from opdkit.demo.sampling import demo_evaluator, evaluate_accuracy
 
     problems = make_problems(5, seed=4, split="eval")
-    res = generate_responses(tiny_model, tok, problems, max_new_tokens=6, seed=7, batch_size=2)
-    graded: list[str] = []
-    evaluator = SamplingEvaluator(
-        [PromptRecord(tuple(chat_messages(p)), p.answer) for p in problems],
-        EvalSettings(n_samples=1, temperature=1.0, top_p=0.9, max_new_tokens=6, batch_size=3, seed=7),
-        grader=lambda text, _answer: graded.append(text) or False,
-    )
-    metrics = evaluator.evaluate(tiny_model, tok, step=0)
-    assert graded == res.texts
-    assert metrics["eval_response_length"] == pytest.approx(sum(res.num_tokens) / len(problems))
+    kw = {"max_new_tokens": 6, "seed": 7}
+    ev = demo_evaluator(problems, batch_size=2, **kw)
+    samples = [s for batch in ev.run(tiny_model, tok, ev.all_items()) for s in batch]
+    assert [s.problem for s in samples] == list(range(5))
+    assert len({s.response for s in samples}) > 1
+    again = demo_evaluator(problems, batch_size=5, **kw)
+    assert [s.response for b in again.run(tiny_model, tok, again.all_items()) for s in b] == [
+        s.response for s in samples]
+    assert evaluate_accuracy(tiny_model, tok, problems, batch_size=3, **kw) == pytest.approx(
+        sum(s.correct for s in samples) / 5)
+    assert ev.evaluate(tiny_model, tok)["eval_response_length"] == pytest.approx(sum(s.tokens for s in samples) / 5)
 
 
 def test_settings_change_the_cache_key(monkeypatch):

@@ -88,7 +88,7 @@ def test_bad_arguments_fail_loudly():
         ("", None),
         ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces
         ("\\boxed{5} and an unclosed \\boxed{6", "5"),
-        ("<think>unfinished thinking \\boxed{7}", "7"),  # no </think>: the whole text
+        ("<think>unfinished thinking \\boxed{7}", None),  # unfinished reasoning: no answer
     ],
 )
 def test_extract_answer(text, expected):

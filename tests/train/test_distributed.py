@@ -80,11 +80,18 @@ def _assert_rows_close(a, b, rel=1e-4):
 
 
 def test_two_processes_reach_the_weights_of_one(tmp_path, tiny_model_dirs):
-    over = _overrides(tiny_model_dirs)
+    bench = tmp_path / "bench.jsonl"  # evaluation on two benchmarks, dealt to the processes
+    bench.write_text("".join(json.dumps({"problem": f"What is {a} + 2?", "answer": str(a + 2)}) + "\n"
+                             for a in range(5)))
+    over = _overrides(tiny_model_dirs, **{"data.eval_path": [f"sums={bench}", "demo"], "eval.every_steps": 2,
+                                          "eval.max_problems": 3, "eval.n_samples": 2, "eval.max_new_tokens": 6})
     one = _run(tmp_path, "one", over, 1)
     two = _run(tmp_path, "two", over, 2)
     # same responses (the counts of these fractions are exact), same logged metrics, same gradients, same weights
     _assert_rows_close(read_metrics(one), read_metrics(two))
+    evaluated = [r for r in read_metrics(two) if "eval_accuracy" in r]
+    assert [r["step"] for r in evaluated] == [2, 3]  # every 2 steps and after the last
+    assert all({"eval_sums_accuracy", "eval_demo_accuracy", "eval_no_answer_rate"} <= r.keys() for r in evaluated)
     g1, g2 = _grads(one), _grads(two)
     assert g1.keys() == g2.keys() and len(g1) > 10
     for k in g1:

@@ -167,8 +167,11 @@ def _in_range(x: Any, meta: Mapping[str, Any]) -> bool:
 def _check(value: Any, f: dataclasses.Field, tp: Any, key: str, where: str) -> Any:
     """One value converted to its field's type and checked against its declaration."""
     meta = f.metadata
-    if meta["choices"] is not None and value not in meta["choices"]:
-        raise _error(where, f"{key}: must be one of {', '.join(meta['choices'])}, got {value!r}")
+    if meta["choices"] is not None:
+        for i, x in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(x, (list, dict)) or x not in meta["choices"]:
+                name = f"{key}[{i}]" if isinstance(value, list) else key
+                raise _error(where, f"{name}: must be one of {', '.join(meta['choices'])}, got {x!r}")
     try:
         value = _convert(value, tp)
     except _WrongType:
@@ -192,6 +195,16 @@ def _check_combinations(cfg: Config, origins: Mapping[str, str], source: str) ->
         return next((origins[k] for k in keys if k in origins), source)
 
     o, opt, t = cfg.objective, cfg.optim, cfg.teacher
+    if cfg.eval.greedy and cfg.eval.n_samples != 1:
+        raise _error(where("eval.n_samples", "eval.greedy"),
+                     "eval.greedy=true gives one answer per problem: eval.n_samples must be 1, got "
+                     f"{cfg.eval.n_samples}")
+    try:
+        from opdkit.eval.benchmarks import _check_template
+
+        _check_template(cfg.eval.prompt_template)
+    except ValueError as exc:
+        raise _error(where("eval.prompt_template"), f"eval.prompt_template: {exc}") from None
     if o.tail_bucket and o.renormalize:
         raise _error(
             where("objective.tail_bucket", "objective.renormalize"),
@@ -228,6 +241,8 @@ def _inert_rules(cfg: Config) -> list[tuple[str, bool, str]]:
         ("objective.drop_special_from_support", o.kind == "full_reverse_kl" or o.special_tokens == [],
          "it acts only on support sets of a top-K objective, with objective.special_tokens not empty"),
         ("objective.special_token_mode", o.special_tokens == [], "objective.special_tokens is empty"),
+        ("eval.temperature", cfg.eval.greedy, "eval.greedy=true decodes greedily"),
+        ("eval.top_p", cfg.eval.greedy, "eval.greedy=true decodes greedily"),
         ("model.lora_alpha", m.lora_r == 0, "it acts only with model.lora_r > 0"),
         ("model.lora_dropout", m.lora_r == 0, "it acts only with model.lora_r > 0"),
         ("model.lora_target_modules", m.lora_r == 0, "it acts only with model.lora_r > 0"),

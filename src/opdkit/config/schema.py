@@ -179,8 +179,9 @@ class DataConfig:
     """Where the prompts come from."""
 
     train_path: str | None = _f(None, "JSONL file of training prompts")
-    eval_path: str | None = _f(
-        None, "JSONL file of evaluation problems (prompt and reference answer: the training format); null = none"
+    eval_path: str | list[str] | None = _f(
+        None, "evaluation benchmark(s): a file (JSONL, JSON or Parquet: the training format or a public benchmark's "
+        "columns, see `opdkit eval --help`), NAME=FILE, a built-in (demo, rg:TASK), or a list of them; null = none"
     )
     prompt_key: str = _f("prompt", "JSON field holding the prompt")
     answer_key: str = _f("answer", "JSON field holding the reference answer")
@@ -204,9 +205,22 @@ class EvalConfig:
     n_samples: int = _f(1, "responses per problem; the score is their mean (avg@n)", ge=1)
     temperature: float = _f(1.0, "sampling temperature", gt=0)
     top_p: float = _f(0.9, "nucleus sampling threshold; 1 = off", gt=0, le=1)
+    greedy: bool = _f(False, "greedy decoding (the most likely token at every step) instead of sampling; n_samples 1")
     max_new_tokens: int = _f(512, "maximum response length in tokens", ge=1)
-    max_problems: int = _f(0, "evaluate at most this many problems (the first ones of the file); 0 = all", ge=0)
+    max_problems: int = _f(0, "evaluate at most this many problems of each benchmark (the first ones); 0 = all", ge=0)
     batch_size: int = _f(64, "responses generated per call during evaluation", ge=1)
+    answer_fallbacks: list[str] = _f(
+        [], "when a response has no \\boxed{} answer, try these in order: answer_is ('The answer is X'), "
+        "answer_colon ('Answer: X'), hash ('#### X'), last_number; empty = boxed answers only (the paper's rule)",
+        choices=("answer_is", "answer_colon", "hash", "last_number"),
+    )
+    prompt_template: str = _f(
+        "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+        "how a benchmark problem becomes the user message ({problem} is replaced; literal braces doubled); not "
+        "applied to a file's 'prompt' column, which is used as it is",
+    )
+    grading_processes: int = _f(2, "worker processes grading math answers; 0 = grade in the training process", ge=0)
+    grading_timeout_s: float = _f(5.0, "time limit of one grade in seconds; an answer over it counts as wrong", gt=0)
 
 
 @dataclass(frozen=True)

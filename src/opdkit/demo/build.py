@@ -14,8 +14,8 @@ What is built (all numbers live in :class:`opdkit.demo.settings.DemoSettings`):
    from its own samples.
 
 Both are evaluated with METHOD.md's protocol (sampling, τ = 1.0, top-p 0.9, one sample per problem) on
-eval-split problems, and the accuracies are stored with the models. Every sample (the early-stop checks
-and the evaluations) is drawn by the library's sampler through :func:`opdkit.demo.sampling.generate_responses`.
+eval-split problems, and the accuracies are stored with the models. Every accuracy (the early-stop checks
+and the evaluations) is measured by the library's evaluator (:func:`opdkit.demo.sampling.demo_evaluator`).
 :mod:`opdkit.demo.cache` decides when to build and where the result goes.
 """
 
@@ -26,9 +26,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from opdkit.demo.sampling import evaluate_accuracy, generate_responses
+from opdkit.demo.sampling import demo_evaluator, evaluate_accuracy
 from opdkit.demo.settings import DemoSettings, ModelSpec
-from opdkit.demo.task import Problem, TaskSpec, accuracy, corpus_for_tokenizer, make_problems
+from opdkit.demo.task import Problem, TaskSpec, corpus_for_tokenizer, make_problems
 from opdkit.errors import InputError
 
 __all__ = ["build_entry"]
@@ -103,17 +103,10 @@ def build_entry(out: Path, settings: DemoSettings, seed: int, say: Callable[[str
         info[f"{name}_cpu_seconds"] = round(time.process_time() - c0, 2)  # all threads; robust to a busy machine
         save_model_dir(model, tokenizer, out / name)
         t0 = time.perf_counter()
-        res = generate_responses(
-            model,
-            tokenizer,
-            eval_problems,
-            max_new_tokens=settings.max_new_tokens,
-            top_p=settings.eval_top_p,
-            temperature=settings.eval_temperature,
-            seed=seed,
-            batch_size=settings.eval_batch_size,
-        )
-        acc = accuracy(res.texts, [p.answer for p in eval_problems])
+        ev = demo_evaluator(eval_problems, max_new_tokens=settings.max_new_tokens, top_p=settings.eval_top_p,
+                            temperature=settings.eval_temperature, seed=seed, batch_size=settings.eval_batch_size)
+        samples = [smp for batch in ev.run(model, tokenizer, ev.all_items()) for smp in batch]
+        acc = sum(smp.correct for smp in samples) / len(samples)
         eval_seconds = time.perf_counter() - t0
         info.update(
             {
@@ -121,9 +114,9 @@ def build_entry(out: Path, settings: DemoSettings, seed: int, say: Callable[[str
                 f"{name}_seconds": round(seconds, 2),
                 f"{name}_eval_seconds": round(eval_seconds, 2),
                 f"{name}_params": n_params,
-                f"{name}_mean_response_tokens": sum(res.num_tokens) / len(res.num_tokens),
-                f"{name}_finished_fraction": sum(res.finished) / len(res.finished),
-                f"{name}_format_fraction": sum(_well_formed(t) for t in res.texts) / len(res.texts),
+                f"{name}_mean_response_tokens": sum(smp.tokens for smp in samples) / len(samples),
+                f"{name}_finished_fraction": sum(not smp.truncated for smp in samples) / len(samples),
+                f"{name}_format_fraction": sum(_well_formed(smp.response) for smp in samples) / len(samples),
             }
         )
         say(

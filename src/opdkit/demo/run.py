@@ -71,18 +71,11 @@ def _accuracy(model, tokenizer, problems, settings, seed: int) -> float:
 
 
 def _evaluator(problems, settings, seed: int):
-    """The demo's accuracy protocol (``DemoSettings``' sampling, its grader) as the trainer's evaluator."""
-    from opdkit.data import PromptRecord
-    from opdkit.demo.task import chat_messages, is_correct
-    from opdkit.eval import EvalSettings, SamplingEvaluator
+    """The demo's accuracy protocol (``DemoSettings``' sampling) as the trainer's evaluator."""
+    from opdkit.demo.sampling import demo_evaluator
 
-    records = [PromptRecord(tuple(chat_messages(p)), p.answer) for p in problems]
-    return SamplingEvaluator(
-        records,
-        EvalSettings(n_samples=1, temperature=settings.eval_temperature, top_p=settings.eval_top_p,
-                     max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch_size, seed=seed),
-        grader=is_correct,
-    )
+    return demo_evaluator(problems, max_new_tokens=settings.max_new_tokens, top_p=settings.eval_top_p,
+                          temperature=settings.eval_temperature, seed=seed, batch_size=settings.eval_batch_size)
 
 
 def _train_prompts(n: int, seed: int):

@@ -1,14 +1,14 @@
 """The demo's responses and accuracies, sampled with the library's sampler (:class:`opdkit.rollout.HFSampler`).
 
-:func:`generate_responses` samples one response per problem (τ, nucleus top-p, no top-k) and
-:func:`evaluate_accuracy` grades them with METHOD.md's rule (:func:`opdkit.demo.task.accuracy`). The
-prompt is the problem's chat rendered by :func:`opdkit.data.chat.render_chat`, as everywhere else.
+:func:`generate_responses` samples one response per problem (τ, nucleus top-p, no top-k), for the SFT
+baseline's teacher samples. Accuracies are measured by the library's evaluator (:func:`demo_evaluator`,
+:func:`evaluate_accuracy`), the one the trainer calls during OPD. The prompt is the problem's chat rendered
+by :func:`opdkit.data.chat.render_chat`, as everywhere else.
 
-Seeds: problem ``i`` of the list is sampled with its own seed ``trajectory_seed(seed, i, 0)``, the seed
-:class:`opdkit.eval.SamplingEvaluator` gives the first sample of problem ``i`` (so both measure the same
-responses for the same seed), and a row's random numbers depend on its seed only
-(:mod:`opdkit.rollout.seeding`). A problem's response therefore does not depend on the batch size or on
-the other problems in its batch, and the caller's global RNG is never touched.
+Seeds: problem ``i`` of the list is sampled with its own seed ``trajectory_seed(seed, i, 0)``, and a
+row's random numbers depend on its seed only (:mod:`opdkit.rollout.seeding`). A problem's response
+therefore does not depend on the batch size or on the other problems in its batch, and the caller's
+global RNG is never touched.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from opdkit.demo.task import Problem, accuracy, chat_messages
+from opdkit.demo.task import Problem, chat_messages
 from opdkit.errors import InputError
 
-__all__ = ["Responses", "generate_responses", "evaluate_accuracy"]
+__all__ = ["Responses", "demo_evaluator", "evaluate_accuracy", "generate_responses"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,20 @@ def generate_responses(
     return Responses(texts, num_tokens, finished)
 
 
+def demo_evaluator(problems: Sequence[Problem], *, max_new_tokens: int, top_p: float = 0.9,
+                   temperature: float = 1.0, seed: int = 0, batch_size: int = 64):
+    """The demo's accuracy protocol as the library's evaluator (:class:`opdkit.eval.SamplingEvaluator`): one
+    sampled answer per problem (τ, nucleus top-p), graded by :func:`opdkit.eval.grade`, seeds from ``seed``.
+    The trainer calls the same object during OPD, so every accuracy of the demo is measured one way."""
+    from opdkit.data import PromptRecord
+    from opdkit.eval import EvalSettings, SamplingEvaluator
+
+    records = [PromptRecord(tuple(chat_messages(p)), p.answer, None, f"problem {i}") for i, p in enumerate(problems)]
+    return SamplingEvaluator(records, EvalSettings(n_samples=1, temperature=temperature, top_p=top_p,
+                                                   max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                                                   grading_processes=0))
+
+
 def evaluate_accuracy(
     model,
     tokenizer,
@@ -95,19 +109,11 @@ def evaluate_accuracy(
     seed: int = 0,
     batch_size: int = 64,
 ) -> float:
-    """Fraction of ``problems`` answered correctly by one sampled response each (0.0 for no problems).
-
-    METHOD.md's protocol by default: τ = 1.0, top-p 0.9, answer = last ``\\boxed{}`` after ``</think>``.
-    The responses are :func:`generate_responses`'s.
-    """
-    res = generate_responses(
-        model,
-        tokenizer,
-        problems,
-        max_new_tokens=max_new_tokens,
-        top_p=top_p,
-        temperature=temperature,
-        seed=seed,
-        batch_size=batch_size,
-    )
-    return accuracy(res.texts, [p.answer for p in problems])
+    """Fraction of ``problems`` answered correctly by one sampled response each (0.0 for no problems), by
+    :func:`demo_evaluator`: METHOD.md's protocol by default (τ = 1.0, top-p 0.9, answer = last ``\\boxed{}``
+    after ``</think>``)."""
+    if not problems:
+        return 0.0
+    ev = demo_evaluator(problems, max_new_tokens=max_new_tokens, top_p=top_p, temperature=temperature, seed=seed,
+                        batch_size=batch_size)
+    return ev.evaluate(model, tokenizer)["eval_accuracy"]

@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from opdkit.errors import InputError
-from opdkit.eval.answers import extract_answer, grade
+from opdkit.eval.answers import extract_answer
+from opdkit.eval.grading import grade
 
 __all__ = [
     "TaskSpec",

@@ -99,10 +99,30 @@ def resolve_paths(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), name)
         if value is None or (key == "model.chat_template" and value in ("model", "none")):
             continue
+        if key == "data.eval_path":
+            specs = value if isinstance(value, list) else [value]
+            fixed = [_absolute_benchmark(v) for v in specs]
+            if fixed != specs:
+                fix[key] = fixed if isinstance(value, list) else fixed[0]
+            continue
         absolute = os.path.abspath(os.path.expanduser(value))
         if absolute != value:
             fix[key] = absolute
     return apply_overrides(cfg, fix) if fix else cfg
+
+
+def _absolute_benchmark(spec: str) -> str:
+    """A benchmark spec with its file made absolute (built-ins and datasets by name stay as they are)."""
+    from opdkit.eval.benchmarks import parse_benchmark_spec
+
+    try:
+        name, source = parse_benchmark_spec(spec)
+    except OpdkitError as exc:
+        raise OpdkitError(f"data.eval_path: {exc}") from None
+    if source == "demo" or source.startswith(("rg:", "hf:")):
+        return spec
+    absolute = os.path.abspath(os.path.expanduser(source))
+    return f"{name}={absolute}" if "=" in spec else absolute
 
 
 def refuse_unsupported(cfg: Config) -> None:
@@ -169,10 +189,33 @@ def _load_prompts(cfg: Config, prompts):
     return records
 
 
+def eval_settings(cfg: Config):
+    """The evaluator's settings from ``cfg.eval`` (and the run's seed)."""
+    from opdkit.eval import EvalSettings
+
+    e = cfg.eval
+    return EvalSettings(n_samples=e.n_samples, temperature=e.temperature, top_p=e.top_p, greedy=e.greedy,
+                        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=cfg.run.seed,
+                        fallbacks=tuple(e.answer_fallbacks), grading_processes=e.grading_processes,
+                        grading_timeout_s=e.grading_timeout_s)
+
+
+def eval_benchmarks(cfg: Config) -> list:
+    """The benchmarks of ``data.eval_path`` (one spec or a list), loaded with the ``eval.*`` settings."""
+    from opdkit.eval.benchmarks import load_benchmarks
+
+    specs = cfg.data.eval_path if isinstance(cfg.data.eval_path, list) else [cfg.data.eval_path]
+    if not specs:
+        raise OpdkitError("data.eval_path: an empty list; set null for no evaluation")
+    fields = {k: v for k, v in (("prompt", cfg.data.prompt_key), ("answer", cfg.data.answer_key))
+              if v != k}
+    return load_benchmarks(specs, fields=fields, template=cfg.eval.prompt_template,
+                           max_problems=cfg.eval.max_problems)
+
+
 def _build_evaluator(cfg: Config, dist: Dist, generate_fn, eval_problems):
     from opdkit.config import EvalConfig
-    from opdkit.data import load_prompts
-    from opdkit.eval import EvalSettings, SamplingEvaluator
+    from opdkit.eval import SamplingEvaluator
 
     if eval_problems is None:
         if cfg.data.eval_path is None:
@@ -181,15 +224,11 @@ def _build_evaluator(cfg: Config, dist: Dist, generate_fn, eval_problems):
                 raise OpdkitError(f"{', '.join(changed)}: set, but there is nothing to evaluate (data.eval_path is "
                                   "not set); set data.eval_path or remove them")
             return None
-        eval_problems = load_prompts(cfg.data.eval_path, prompt_key=cfg.data.prompt_key,
-                                     answer_key=cfg.data.answer_key)
-    if cfg.eval.max_problems:
+        eval_problems = eval_benchmarks(cfg)
+    elif cfg.eval.max_problems:
         eval_problems = list(eval_problems)[: cfg.eval.max_problems]
-    e = cfg.eval
-    settings = EvalSettings(n_samples=e.n_samples, temperature=e.temperature, top_p=e.top_p,
-                            max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=cfg.run.seed)
-    return SamplingEvaluator(eval_problems, settings, rank=dist.rank, world=dist.world, reduce_sum=dist.sum,
-                             generate_fn=generate_fn)
+    return SamplingEvaluator(eval_problems, eval_settings(cfg), rank=dist.rank, world=dist.world,
+                             reduce_sum=dist.sum, generate_fn=generate_fn)
 
 
 def build_components(

@@ -72,9 +72,12 @@ METRICS: dict[str, MetricSpec] = {
     "time_eval_s": _m("seconds evaluating", "max"),
     "time_step_s": _m("seconds for the whole step", "max"),
     # evaluation (reduced by the evaluator)
-    "eval_accuracy": _m("avg@n on data.eval_path: mean correctness over problems x eval.n_samples", "global"),
+    "eval_accuracy": _m("avg@n on data.eval_path: mean correctness over problems x eval.n_samples (several "
+                        "benchmarks: the mean of their avg@n)", "global"),
     "eval_response_length": _m("mean response tokens of the evaluation answers", "global"),
     "eval_truncation_rate": _m("fraction of evaluation answers that hit eval.max_new_tokens", "global"),
+    "eval_no_answer_rate": _m("fraction of evaluation answers with no final answer (no \\boxed{})", "global"),
+    # with several benchmarks in data.eval_path, also eval_<name>_accuracy for each (eval_accuracy is their mean)
 }
 
 

@@ -65,7 +65,11 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     except OSError as exc:
         raise OpdkitError(f"--out '{out}': cannot be created ({exc.strerror or exc})") from None
     written = []
+    per_benchmark = sorted({k for r in rows for k in r if k.startswith("eval_") and k.endswith("_accuracy")
+                            and k != "eval_accuracy"})
     for filename, (title, keys) in PANELS.items():
+        if filename == "accuracy.png":
+            keys = keys + per_benchmark
         series = {}
         for key in keys:
             pts = [

@@ -1,0 +1,276 @@
+"""``opdkit eval``: sample answers from a model on benchmarks, grade them, and write what was measured.
+
+The output directory holds:
+
+- ``samples.jsonl``: one line per sample (benchmark, problem index, sample index, prompt as rendered,
+  response, extracted answer, gold, correct, grader status, response tokens, truncated), appended batch by
+  batch and flushed to disk, so an interrupted evaluation loses at most the batch in flight;
+- ``eval.json``: what the samples depend on (model digest, chat template, sampling and grading settings, each
+  benchmark's problems digest); ``.opdkit-eval`` marks the directory as an evaluation;
+- ``summary.json`` and ``summary.md``: per benchmark the number of problems, n, avg@n with its 95% interval,
+  pass@k for each k, mean response length, truncation and no-answer rates; and the mean over benchmarks.
+
+Running the same command again continues from ``samples.jsonl`` (the samples already there are kept, not
+redrawn: every sample has its own seed, so the result is the same as an uninterrupted run). A larger ``--n``
+or another benchmark may be added on a continuation; anything else that would change the samples already
+drawn is refused, naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from opdkit.errors import OpdkitError
+
+__all__ = ["EVAL_MARKER", "SAMPLES_FILE", "format_table", "read_samples", "run_eval", "summarise_samples"]
+
+EVAL_MARKER = ".opdkit-eval"
+SAMPLES_FILE = "samples.jsonl"
+MANIFEST_FILE = "eval.json"
+
+
+def _digest_problems(bench) -> str:
+    h = hashlib.sha256()
+    for p in bench.problems:
+        h.update(json.dumps([list(p.messages), p.answer], sort_keys=True).encode("utf-8"))
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_samples(out_dir: str | Path) -> list[dict]:
+    """The samples of an evaluation directory; a last line cut short by a kill is dropped from the file."""
+    from opdkit.data.jsonl import read_jsonl
+
+    path = Path(out_dir) / SAMPLES_FILE
+    if not path.exists():
+        return []
+    rows = [row for _, row in read_jsonl(path, what="samples file", skip_bad_lines=True)]
+    keys = ("benchmark", "problem", "sample", "correct")
+    good = [r for r in rows if all(k in r for k in keys)]
+    if len(good) != len(rows) or not path.read_bytes().endswith(b"\n") and path.stat().st_size:
+        _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in good))
+    return good
+
+
+def _check_out_dir(out: Path) -> bool:
+    """True when ``out`` holds an evaluation to continue; refuse a folder with files that opdkit did not write."""
+    from opdkit.paths import check_output_dir
+
+    check_output_dir(out, "--out")
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    if (out / EVAL_MARKER).exists():
+        return True
+    raise OpdkitError(f"--out '{out}': holds files and is not an opdkit evaluation (no {EVAL_MARKER}); give a new "
+                      "or empty directory")
+
+
+def _compare_manifest(old: dict, new: dict, out: Path) -> None:
+    changed = []
+    for key in ("model_sha256", "chat_template_sha256"):
+        if old.get(key) != new.get(key):
+            changed.append(key.replace("_sha256", ""))
+    old_s, new_s = dict(old.get("settings", {})), dict(new["settings"])
+    old_s.pop("n_samples", None)
+    new_s.pop("n_samples", None)
+    for k in sorted(set(old_s) | set(new_s)):
+        if old_s.get(k) != new_s.get(k):
+            changed.append(f"{k} ({old_s.get(k)!r} -> {new_s.get(k)!r})")
+    for name, b in new["benchmarks"].items():
+        ob = old.get("benchmarks", {}).get(name)
+        if ob is not None and ob.get("digest") != b["digest"]:
+            changed.append(f"benchmark {name}'s problems (file, fields, template or --max-problems)")
+    if changed:
+        raise OpdkitError(f"--out '{out}': holds an evaluation with other settings; changed: {'; '.join(changed)}. "
+                          "Continue it with the same settings (a larger --n or a new benchmark may be added), or "
+                          "give a new --out")
+
+
+def summarise_samples(rows: Sequence[dict], benchmarks: Sequence[str], n: int, ks=None) -> dict:
+    """``summary.json``'s content from sample rows: per benchmark (in order) and their mean."""
+    from opdkit.eval.metrics import summarise_average, summarise_benchmark
+
+    per = []
+    for name in benchmarks:
+        mine = [r for r in rows if r["benchmark"] == name and r["sample"] < n]
+        problems = sorted({r["problem"] for r in mine})
+        by = {(r["problem"], r["sample"]): r for r in mine}
+        if not problems or any((p, j) not in by for p in problems for j in range(n)):
+            raise OpdkitError(f"benchmark {name}: samples are missing; run the evaluation again to complete them")
+        ordered = [by[(p, j)] for p in problems for j in range(n)]
+        per.append(summarise_benchmark(
+            name, [[by[(p, j)]["correct"] for j in range(n)] for p in problems], ks=ks,
+            lengths=[r["tokens"] for r in ordered], truncated=[r["truncated"] for r in ordered],
+            statuses=[r["status"] for r in ordered]))
+    return {"benchmarks": per, "average": summarise_average(per)}
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def format_table(summary: dict, markdown: bool = False) -> str:
+    """The summary as a table (plain text, or Markdown for ``summary.md``)."""
+    per = summary["benchmarks"]
+    ks = sorted({int(k) for b in per for k in b["pass@k"]} - {1})
+    head = ["benchmark", "problems", "n", "avg@n % (95% CI)"] + [f"pass@{k} %" for k in ks] + [
+        "length", "truncated %", "no answer %"]
+    rows = []
+    for b in per:
+        lo, hi = b["avg@n_ci"]
+        rows.append([b["benchmark"], str(b["problems"]), str(b["n"]), f"{_pct(b['avg@n'])} ({_pct(lo)}–{_pct(hi)})"]
+                    + [_pct(b["pass@k"].get(str(k))) for k in ks]
+                    + ["—" if b["response_length"] is None else f"{b['response_length']:.0f}",
+                       _pct(b["truncation_rate"]), _pct(b["no_answer_rate"])])
+    if len(per) > 1:
+        a = summary["average"]
+        lo, hi = a["avg@n_ci"]
+        rows.append(["average", "", "", f"{_pct(a['avg@n'])} ({_pct(lo)}–{_pct(hi)})"] + [""] * (len(head) - 4))
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head)] + [fmt.format(*r) for r in rows]) + "\n"
+
+
+def run_eval(
+    model_path: str,
+    specs: Sequence[str],
+    out_dir: str | Path,
+    settings,
+    *,
+    fields: dict | None = None,
+    template: str | None = None,
+    system: str | None = None,
+    max_problems: int = 0,
+    ks: Sequence[int] | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    chat_template: str = "model",
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    log=None,
+) -> dict:
+    """Evaluate the model in ``model_path`` on the benchmarks ``specs`` (see :mod:`opdkit.eval.benchmarks`)
+    with ``settings`` (:class:`~opdkit.eval.evaluator.EvalSettings`); write and return the summary.
+
+    Everything is validated (output directory, benchmark files, model, chat template, an existing
+    evaluation's settings) before the first file is written.
+    """
+    import torch
+
+    from opdkit.data.chat import apply_chat_template_setting
+    from opdkit.eval.benchmarks import DEFAULT_TEMPLATE, load_benchmarks
+    from opdkit.eval.evaluator import SamplingEvaluator
+    from opdkit.eval.grading import GradingPool
+    from opdkit.hf import load_causal_lm, load_tokenizer, model_dir_digest
+    from opdkit.train.precision import resolve_precision
+
+    if log is None:
+        def log(msg: str) -> None:
+            print(msg, file=sys.stderr)
+
+    out = Path(out_dir).expanduser()
+    resume = _check_out_dir(out)
+    if ks is not None:
+        bad = [k for k in ks if not isinstance(k, int) or k < 1 or k > settings.n_samples]
+        if bad:
+            raise OpdkitError(f"--k {', '.join(map(str, bad))}: pass@k needs 1 <= k <= n = {settings.n_samples}")
+    benchmarks = load_benchmarks(list(specs), fields=fields, template=template or DEFAULT_TEMPLATE, system=system,
+                                 max_problems=max_problems)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise OpdkitError("--device cuda: this machine has no usable CUDA GPU (or torch is a CPU build)")
+    dev = torch.device(device)
+    prec = resolve_precision(precision, dev, log=log)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    apply_chat_template_setting(tokenizer, chat_template, where=f"--model '{model_path}'")
+    from opdkit.data.prompts import check_prompt_lengths
+
+    for b in benchmarks:  # every prompt renders (a template error names the problem, before any sampling)
+        check_prompt_lengths(b.problems, tokenizer, 10**9)
+    manifest = {
+        "model": str(Path(model_path).resolve()),
+        "model_sha256": model_dir_digest(model_path),
+        "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
+        "settings": {**dataclasses.asdict(settings), "fallbacks": list(settings.fallbacks)},
+        "benchmarks": {b.name: {"source": b.source, "problems": len(b.problems), "digest": _digest_problems(b)}
+                       for b in benchmarks},
+    }
+    manifest["settings"].pop("batch_size")  # neither changes a sample
+    manifest["settings"].pop("grading_processes")
+    if resume:
+        try:
+            old = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise OpdkitError(f"--out '{out}': its {MANIFEST_FILE} cannot be read ({exc}); give a new --out") from None
+        _compare_manifest(old, manifest, out)
+        manifest["benchmarks"] = {**old.get("benchmarks", {}), **manifest["benchmarks"]}
+        manifest["settings"]["n_samples"] = max(settings.n_samples, old.get("settings", {}).get("n_samples", 0))
+    model = load_causal_lm(model_path, dtype="bfloat16" if prec.name == "bf16" and dev.type == "cuda" else "float32",
+                           trust_remote_code=trust_remote_code, device=dev)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EVAL_MARKER).touch()
+    _write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    rows = read_samples(out)
+    done = {(r["benchmark"], r["problem"], r["sample"]) for r in rows}
+    evaluator = SamplingEvaluator(benchmarks, settings)
+    todo = [(b, p, j) for b, p, j in evaluator.all_items() if (benchmarks[b].name, p, j) not in done]
+    if resume:
+        log(f"opdkit eval: continuing in {out}: {len(rows)} samples already there, {len(todo)} to go")
+    timings: dict = {}
+    t0 = time.perf_counter()
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="eval", unit="answer", dynamic_ncols=True)
+    pool = None
+    if settings.grading_processes > 0 and any(b.grader is None for b in benchmarks):
+        pool = GradingPool(settings.grading_processes, timeout_s=settings.grading_timeout_s)
+    try:
+        with open(out / SAMPLES_FILE, "a", encoding="utf-8") as f, prec.autocast():
+            for batch in evaluator.run(model, tokenizer, todo, pool=pool, timings=timings):
+                lines = [dataclasses.asdict(s) for s in batch]
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+                f.flush()
+                os.fsync(f.fileno())
+                rows.extend(lines)
+                if bar is not None:
+                    bar.update(len(batch))
+                    acc = sum(r["correct"] for r in rows) / len(rows)
+                    bar.set_postfix(correct=f"{acc:.1%}")
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.close()
+    summary = summarise_samples(rows, [b.name for b in benchmarks], settings.n_samples, ks)
+    summary["model"] = manifest["model"]
+    summary["settings"] = manifest["settings"] | {"n_samples": settings.n_samples}
+    summary["seconds"] = {"total": round(time.perf_counter() - t0, 2),
+                          "generate": round(timings.get("generate_s", 0.0), 2),
+                          "grade": round(timings.get("grade_s", 0.0), 2), "samples": len(todo)}
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    s = settings
+    how = "greedy" if s.greedy else f"temperature {s.temperature}, top-p {s.top_p}"
+    _write_atomic(out / "summary.md", f"# Evaluation of `{manifest['model']}`\n\n{s.n_samples} sample(s) per problem, "
+                  f"{how}, at most {s.max_new_tokens} new tokens; avg@n and pass@k in %, 95% intervals over "
+                  f"problems.\n\n" + format_table(summary, markdown=True))
+    return summary
