@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 
-__all__ = ["equivalent", "normalise", "wrap_latex"]
+__all__ = ["equivalent", "load", "normalise", "wrap_latex"]
 
 _SPACING = re.compile(r"\\[,;:! ]|\\left\b|\\right\b|\\displaystyle\b|\s+")
 _INT = re.compile(r"[+-]?\d+")
@@ -55,6 +55,14 @@ def wrap_latex(s: str) -> str:
     if "\\boxed{" in s or "\\fbox{" in s:
         s = _last_boxed(s) or s
     return "$\\boxed{" + s + "}$"
+
+
+def load() -> None:
+    """Import math-verify (and sympy) now, so that an import never runs inside a grade's time limit."""
+    import math_verify  # noqa: F401
+    import math_verify.parser  # noqa: F401
+
+    _quiet_math_verify()
 
 
 def _quiet_math_verify() -> None:

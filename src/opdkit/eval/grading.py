@@ -62,7 +62,9 @@ def _timer_free() -> bool:
 
 
 def _compare_here(answer: str, gold: str, timeout_s: float | None) -> str:
-    from opdkit.eval.equivalence import equivalent
+    from opdkit.eval.equivalence import equivalent, load
+
+    load()
 
     if not timeout_s:
         try:
