@@ -122,20 +122,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+_EVAL_FLAGS = {"n_samples": "--n", "temperature": "--temperature", "top_p": "--top-p", "greedy": "--greedy",
+               "max_new_tokens": "--max-new-tokens", "batch_size": "--batch-size", "grading_processes":
+               "--grading-processes", "grading_timeout_s": "--grading-timeout", "fallbacks": "--fallback"}
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import re
+
     from opdkit.errors import InputError
     from opdkit.eval.evaluator import EvalSettings
-    from opdkit.eval.run import format_table, run_eval
+    from opdkit.eval.run import SAMPLES_FILE, format_table, run_eval
     from opdkit.interrupt import Interrupted
 
-    fields = {}
+    fields: dict[str, str] = {}
     for item in args.field or []:
         key, sep, column = item.partition("=")
         if not sep or key not in ("prompt", "answer") or not column:
             raise OpdkitError(f"--field {item!r}: expected prompt=COLUMN or answer=COLUMN")
+        if key in fields:
+            raise OpdkitError(f"--field {key}= given twice ({fields[key]!r} and {column!r}); give it once")
         fields[key] = column
     if args.greedy and (args.temperature is not None or args.top_p is not None):
         raise OpdkitError("--greedy decodes greedily: drop --temperature and --top-p")
+    if args.max_problems < 0:
+        raise OpdkitError(f"--max-problems: expected an integer >= 0 (0 = all), got {args.max_problems}")
+    if args.seed < 0:
+        raise OpdkitError(f"--seed: expected an integer >= 0, got {args.seed}")
     d = _eval_defaults()
     try:
         settings = EvalSettings(
@@ -144,21 +157,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
             fallbacks=tuple(args.fallback or ()), grading_processes=args.grading_processes,
             grading_timeout_s=args.grading_timeout)
-    except InputError as exc:
-        raise OpdkitError(f"{exc} (flags --n, --temperature, --top-p, --max-new-tokens, --batch-size, "
-                          "--fallback, --grading-processes, --grading-timeout)") from None
+    except InputError as exc:  # name the flag, not the field
+        message = re.sub(r"\b(" + "|".join(_EVAL_FLAGS) + r")\b", lambda m: _EVAL_FLAGS[m.group(1)], str(exc))
+        raise OpdkitError(message) from None
+    out = Path(args.out).expanduser()
     try:
         with _terminate_as_interrupt():
-            summary = run_eval(args.model, args.benchmark, args.out, settings, fields=fields,
+            summary = run_eval(args.model, args.benchmark, out, settings, fields=fields,
                                template=args.prompt_template, system=args.system, max_problems=args.max_problems,
                                ks=args.k, device=args.device, precision=args.precision,
                                chat_template=args.chat_template, trust_remote_code=args.trust_remote_code,
                                progress=not args.no_progress)
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; the samples drawn so far are in {args.out}/samples.jsonl. Run the same "
-                          "command to continue") from None
+        samples = out / SAMPLES_FILE
+        if samples.exists() and samples.stat().st_size:
+            raise Interrupted(f"interrupted; the answers graded so far are in {samples}. Run the same command to "
+                              "continue") from None
+        if out.exists():
+            raise Interrupted(f"interrupted before the first answer was graded ({out} holds only the settings); run "
+                              "the same command to start again") from None
+        print("opdkit eval: interrupted during start-up; nothing was written", file=sys.stderr)
+        return 130
     print(format_table(summary), end="")
-    print(f"wrote {args.out}/summary.json, summary.md and samples.jsonl")
+    print(f"wrote {out}/summary.json, summary.md and samples.jsonl")
     return 0
 
 
@@ -295,16 +316,20 @@ exit status: 0 done; 2 bad input (the message names the file, line, key or argum
                    answer|final_answer|Answer (or the last \\boxed{} of solution) -- the public releases of
                    MATH500, AIME24, AIME25, Minerva, OlympiadBench and GSM8K ("#### N") read as they are, and
                    so does opdkit's training format ({"prompt": text or chat messages, "answer": ...}).
-                   Other columns: --field prompt=COLUMN --field answer=COLUMN.
+                   Other columns: NAME=FILE#prompt=COLUMN,answer=COLUMN (or --field for every file).
   NAME=hf:DATASET[:SPLIT]   through the datasets library (online, or its cache filled); split default test
-  demo             the demo's arithmetic task (eval split)
-  rg:TASK          a reasoning-gym task (procedural, offline, graded by its own verifier), e.g. rg:chain_sum
+  demo             the demo's arithmetic task (eval split; its own prompts, no template)
+  rg:TASK          a reasoning-gym task (procedural, offline, graded by its own verifier: correct when it
+                   scores the answer 1.0), e.g. rg:chain_sum; problem sets are fixed (seed 0)
 
 prompts: a problem becomes one user message by --prompt-template ({problem}; default: the problem then
   "Please reason step by step, and put your final answer within \\boxed{}."); a "prompt" column is used as is.
   The model's chat template renders it (--chat-template none for a base model).
 metrics: avg@n = mean correctness over the n samples of each problem (pass@1); pass@k unbiased (Chen et
-  al. 2021) for k <= n; 95% intervals over problems; the average weighs each benchmark once.
+  al. 2021) for k <= n; 95% Wilson intervals over problems (conservative for n > 1); the average weighs each
+  benchmark once (its interval assumes independent benchmarks). Reasoning models need a large
+  --max-new-tokens (thousands); a warning says when many answers were cut. One --out holds one n: evaluate
+  AIME with --n 32 in its own --out.
 exit status: 0 done; 2 bad input; 75 interrupted (samples so far kept: run the same command to continue).""",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face causal-LM directory (e.g. RUN/final)")

@@ -72,13 +72,36 @@ def test_the_training_format_is_a_benchmark(tmp_path):
 def test_field_mapping_template_and_system(tmp_path):
     f = tmp_path / "custom.json"
     f.write_text(json.dumps({"data": [{"q": "Add 1 and 2.", "gold": "3", "label": "x"}]}))
-    bench = load_benchmark(f"c={f}", fields={"prompt": "q", "answer": "label"},
-                           template="Q: {problem}\nA:", system="You are careful.")
+    bench = load_benchmark(f"c={f}#prompt=q,answer=label", template="Q: {problem}\nA:", system="You are careful.")
     assert bench.problems[0].messages == ({"role": "system", "content": "You are careful."},
                                           {"role": "user", "content": "Q: Add 1 and 2.\nA:"})
     assert bench.problems[0].answer == "x"
     assert load_benchmark(f"c={f}", fields={"prompt": "q"}).problems[0].answer == "3"  # "gold" is known
-    assert load_benchmark(f"c={f}", fields={"prompt": "q"}, max_problems=1).problems[0].source.endswith("record 0")
+    assert load_benchmark(f"c={f}", fields={"prompt": "q"}, max_problems=1).problems[0].source.endswith(
+        "record 0 (0-based)")
+    assert load_benchmark(f"c={f}#answer=label", fields={"prompt": "q", "answer": "gold"}).problems[0].answer == "x"
+    with pytest.raises(DataError, match="mapped twice"):
+        load_benchmark(f"c={f}#prompt=q,prompt=r")
+    with pytest.raises(DataError, match="expected prompt=COLUMN"):
+        load_benchmark(f"c={f}#solution=q")
+    with pytest.raises(DataError, match="not to demo"):
+        load_benchmark("d=demo#prompt=q")
+
+
+def test_references_from_solutions_lists_and_json_lines(tmp_path):
+    f = tmp_path / "sol.jsonl"  # an answer column that holds a worked solution: its last box
+    f.write_text(json.dumps({"problem": "x", "sol": "so $\\boxed{2}$ then \\boxed{\\frac{1}{2}}."}) + "\n")
+    assert load_benchmark(f"s={f}#answer=sol").problems[0].answer == "\\frac{1}{2}"
+    f = tmp_path / "ob.jsonl"
+    f.write_text(json.dumps({"question": "q", "final_answer": ["$1$, $2$"]}) + "\n")
+    assert load_benchmark(f"o={f}").problems[0].answer == "1, 2"
+    f = tmp_path / "gsm8k.jsonl"  # a benchmark named gsm8k needs its "#### N" line
+    f.write_text(json.dumps({"question": "q", "answer": "no hash here"}) + "\n")
+    with pytest.raises(DataError, match="line 1: field 'answer' has no '#### N' line"):
+        load_benchmark(str(f))
+    f = tmp_path / "lines.json"  # JSON Lines in a .json file, as some releases ship
+    f.write_text(json.dumps({"problem": "a", "answer": "1"}) + "\n" + json.dumps({"problem": "b", "answer": "2"}))
+    assert [p.answer for p in load_benchmark(str(f)).problems] == ["1", "2"]
 
 
 def test_the_config_default_template_is_the_loaders():
@@ -94,8 +117,15 @@ def test_the_config_default_template_is_the_loaders():
         ('{"answer": "1"}\n', ".jsonl", None, "line 1: no problem field"),
         ('{"q": "x", "answer": "1"}\n', ".jsonl", {"prompt": "question"}, "no problem field ('question'"),
         ('[{"problem": "x", "answer": "1"}, {"problem": "y", "answer": ""}]', ".json", None,
-         "record 1: field 'answer' is empty"),
-        ('[{"problem": "x", "answer": "1"}, 3]', ".json", None, "record 1: expected a JSON object"),
+         "record 1 (0-based): field 'answer' is empty"),
+        ('[{"problem": "x", "answer": "1"}, 3]', ".json", None, "record 1 (0-based): expected a JSON object"),
+        ('{"problem": "x", "answer": true}\n', ".jsonl", None, "'answer' must be text or a number, got bool"),
+        ('{"problem": "x", "answer": {"v": 1}}\n', ".jsonl", None, "'answer' must be text or a number, got dict"),
+        ('{"problem": "x", "answer": NaN}\n', ".jsonl", None, "'answer' is nan"),
+        ('{"problem": {"x": 1}, "answer": "1"}\n', ".jsonl", None, "'problem' must be the problem's text, got dict"),
+        ('{"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "answer": "1"}\n',
+         ".jsonl", None, "ends with an assistant message"),
+        ('{"problem": "x", "answer": "see \\\\boxed{"}\n', ".jsonl", None, "empty or never closed"),
         ('{"a": [], "b": []}', ".json", None, "exactly one array"),
         ('[{"problem": "x",\n "answer": }]', ".json", None, "line 2: not valid JSON"),
         ('{"problem": "", "answer": "1"}\n', ".jsonl", None, "empty problem"),
@@ -124,6 +154,10 @@ def test_bad_specs_and_names(tmp_path):
         load_benchmark(f"m={FIX / 'math500.jsonl'}", template="no placeholder")
     with pytest.raises(DataError, match="unknown field mapping"):
         load_benchmark(f"m={FIX / 'math500.jsonl'}", fields={"solution": "x"})
+    with pytest.raises(DataError, match="is reserved"):
+        parse_benchmark_spec("average=x.jsonl")
+    with pytest.raises(DataError, match="the built-ins are demo and rg:TASK"):
+        load_benchmark("dmeo")
     with pytest.raises(DataError, match="two benchmarks are named m"):
         load_benchmarks([f"m={FIX / 'math500.jsonl'}", f"m={FIX / 'gsm8k.jsonl'}"])
     assert parse_benchmark_spec("rg:chain_sum") == ("chain_sum", "rg:chain_sum")

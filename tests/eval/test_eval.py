@@ -63,3 +63,57 @@ def test_evaluator_refuses_problems_without_answers():
 
     with pytest.raises(InputError, match="reference answer"):
         SamplingEvaluator([PromptRecord(({"role": "user", "content": "hi"},), None, source="f line 1")])
+
+
+def test_every_eval_setting_reaches_the_evaluator(tmp_path):
+    """Each eval.* field (and data.eval_path's list form) changes what the trainer's evaluator does."""
+    import json
+
+    from opdkit.config import EvalConfig, load_config
+    from opdkit.train.build import eval_benchmarks, eval_settings
+
+    f = tmp_path / "b.jsonl"
+    f.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(5)))
+    base = {"data.eval_path": [f"one={f}", "demo"]}
+    default = eval_settings(load_config(None, base))
+    changed = {"n_samples": 3, "temperature": 0.7, "top_p": 0.5, "max_new_tokens": 9, "batch_size": 5,
+               "answer_fallbacks": ["hash"], "grading_processes": 0, "grading_timeout_s": 1.5}
+    for key, value in changed.items():
+        s = eval_settings(load_config(None, {**base, f"eval.{key}": value}))
+        attr = {"answer_fallbacks": "fallbacks", "grading_timeout_s": "grading_timeout_s"}.get(key, key)
+        assert getattr(s, attr) != getattr(default, attr), key
+    assert eval_settings(load_config(None, {**base, "eval.greedy": True})).rollout().top_k == 1
+    assert eval_settings(load_config(None, {**base, "run.seed": 4})).seed == 4
+    cfg = load_config(None, {**base, "eval.max_problems": 2, "eval.prompt_template": "Q {problem}"})
+    benches = eval_benchmarks(cfg)
+    assert [b.name for b in benches] == ["one", "demo"] and [len(b.problems) for b in benches] == [2, 2]
+    assert benches[0].problems[0].messages[0]["content"] == "Q 0+1?"
+    # eval.every_steps and eval.at_start are the loop's (tests/train); every field is covered here or there
+    assert set(changed) | {"greedy", "max_problems", "prompt_template", "every_steps", "at_start"} == set(
+        vars(EvalConfig()))
+
+
+def test_plot_draws_each_benchmarks_accuracy(tmp_path):
+    import json
+
+    from opdkit.train.plots import plot_run
+
+    rows = [{"step": s, "loss": 1.0 / s, "eval_accuracy": 0.1 * s, "eval_aime_accuracy": 0.05 * s,
+             "eval_gsm8k_accuracy": 0.15 * s} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    import matplotlib.pyplot as plt
+
+    drawn = []
+    real = plt.subplots
+
+    def spy(n, *a, **k):
+        drawn.append(n)
+        return real(n, *a, **k)
+
+    plt.subplots = spy
+    try:
+        paths = plot_run(tmp_path)
+    finally:
+        plt.subplots = real
+    assert any(p.name == "accuracy.png" for p in paths)
+    assert 3 in drawn  # eval_accuracy and the two benchmarks' panels

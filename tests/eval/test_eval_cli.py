@@ -156,3 +156,39 @@ def test_greedy_is_deterministic(tmp_path, tiny_model_dirs, bench, capsys):
     assert _run(capsys, _args(model, bench, b, "--greedy", "--seed", "2"))[0] == 0
     ra, rb = _samples(a), _samples(b)
     assert [r["response"] for r in ra.values()] == [r["response"] for r in rb.values()]
+
+
+def test_one_evaluation_per_directory_and_recorded_precision(tmp_path, tiny_model_dirs, bench, capsys):
+    import fcntl
+
+    model = tiny_model_dirs["qwen2"]
+    out = tmp_path / "ev"
+    code, _, err = _run(capsys, _args(model, bench, out))
+    assert code == 0 and "hit --max-new-tokens 8" in err  # a tiny random model runs to the budget: said
+    settings = json.loads((out / "eval.json").read_text())["settings"]
+    assert settings["precision"] == "fp32" and settings["device"] == "cpu"
+    code, _, err = _run(capsys, _args(model, bench, out, "--precision", "bf16"))
+    assert code == 2 and "precision ('fp32' -> 'bf16')" in err
+    with open(out / ".opdkit-eval.lock", "a") as held:  # another process evaluating into the same --out
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = _run(capsys, _args(model, bench, out, "--n", "2"))
+    assert code == 2 and "another opdkit eval is writing to it" in err
+    assert len(_samples(out)) == 6  # untouched
+
+
+def test_prompts_longer_than_the_context_and_run_directories(tmp_path, tiny_model_dirs, capsys):
+    model = tiny_model_dirs["qwen2"]
+    context = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"problem": "x", "answer": "1"}) + "\n"
+                    + json.dumps({"problem": "1 + " * context, "answer": "1"}) + "\n")
+    code, _, err = _run(capsys, ["eval", "--model", str(model), "--benchmark", f"l={long}", "--out",
+                                 str(tmp_path / "ev")])
+    assert code == 2 and f"benchmark l, {long} line 2: the prompt is" in err and "model's context" in err
+    assert not (tmp_path / "ev").exists()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".opdkit-run").touch()
+    (run / "final").mkdir()
+    code, _, err = _run(capsys, ["eval", "--model", str(run), "--benchmark", "demo", "--out", str(tmp_path / "e")])
+    assert code == 2 and f"--model {run / 'final'}" in err

@@ -127,3 +127,18 @@ def test_unknown_fallback_is_refused():
         extract_answer("x", ("answer_iss",))
     with pytest.raises(ValueError):
         GradingPool(0)
+
+
+def test_threads_grading_at_once_do_not_wait_for_each_other():
+    """A pathological grade in one thread does not hold up easy grades in others (each call has a worker)."""
+    slow_done = threading.Event()
+    slow = threading.Thread(target=lambda: (grade(PATHOLOGICAL, "3", timeout_s=30), slow_done.set()))
+    slow.start()
+    results = []
+    easy = [threading.Thread(target=lambda: results.append(grade("\\boxed{\\frac12}", "0.5"))) for _ in range(3)]
+    for th in easy:
+        th.start()
+    for th in easy:
+        th.join(timeout=25)
+    assert results == [True, True, True] and not slow_done.is_set()
+    slow.join(timeout=60)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from opdkit.eval.metrics import default_ks, mean_ci, pass_at_k, summarise_average, summarise_benchmark
+from opdkit.eval.metrics import Z95, default_ks, pass_at_k, summarise_average, summarise_benchmark, wilson
 
 
 def _brute_pass_at_k(outcomes: list[bool], k: int) -> float:
@@ -47,14 +47,6 @@ def test_default_ks():
     assert default_ks(6) == [1, 2, 4, 6]
 
 
-def test_mean_ci_is_the_normal_interval_over_problems():
-    mean, se, lo, hi = mean_ci([0.0, 1.0, 1.0, 0.0])
-    assert mean == 0.5
-    assert se == pytest.approx(math.sqrt((4 * 0.25) / 3 / 4))
-    assert (lo, hi) == pytest.approx((0.5 - 1.959964 * se, 0.5 + 1.959964 * se), rel=1e-6)
-    assert mean_ci([0.3]) == (0.3, 0.0, 0.3, 0.3)
-
-
 def test_summary_of_a_benchmark():
     correct = [[True, True, False, False], [False, False, False, False], [True, True, True, True]]
     s = summarise_benchmark("b", correct, lengths=[10] * 12, truncated=[False] * 11 + [True],
@@ -67,9 +59,19 @@ def test_summary_of_a_benchmark():
     assert s["truncation_rate"] == pytest.approx(1 / 12)
     assert s["no_answer_rate"] == pytest.approx(1 / 12) and s["timeouts"] == 1
     lo, hi = s["avg@n_ci"]
-    assert lo < s["avg@n"] < hi
+    assert lo < s["avg@n"] < hi and (lo, hi) == wilson(0.5, 3)
     with pytest.raises(ValueError):
         summarise_benchmark("ragged", [[True], [True, False]])
+
+
+def test_wilson_interval():
+    # textbook values: 0 of 20 -> [0, 0.1611]; 20 of 20 -> [0.8389, 1]; 5 of 10 -> [0.2366, 0.7634]
+    assert wilson(0.0, 20) == pytest.approx((0.0, 0.16112), abs=1e-5)
+    assert wilson(1.0, 20) == pytest.approx((0.83888, 1.0), abs=1e-5)
+    assert wilson(0.5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)
+    for m in (0.0, 0.01, 0.5, 0.99, 1.0):  # inside [0, 1], never empty
+        lo, hi = wilson(m, 3)
+        assert 0 <= lo <= m <= hi <= 1 and hi - lo > 0.1
 
 
 def test_average_weighs_each_benchmark_once():
@@ -77,5 +79,7 @@ def test_average_weighs_each_benchmark_once():
     b = summarise_benchmark("b", [[False], [True]])  # 0.5 on 2 problems
     avg = summarise_average([a, b])
     assert avg["avg@n"] == pytest.approx(0.75)
-    se = math.sqrt(a["avg@n_se"] ** 2 + b["avg@n_se"] ** 2) / 2
-    assert avg["avg@n_ci"] == pytest.approx([0.75 - 1.959964 * se, 0.75 + 1.959964 * se], rel=1e-6)
+    se_a, se_b = [(s["avg@n_ci"][1] - s["avg@n_ci"][0]) / (2 * Z95) for s in (a, b)]
+    se = math.sqrt(se_a**2 + se_b**2) / 2
+    assert avg["avg@n_ci"] == pytest.approx([0.75 - Z95 * se, min(1.0, 0.75 + Z95 * se)], rel=1e-6)
+    assert 0 <= avg["avg@n_ci"][0] and avg["avg@n_ci"][1] <= 1

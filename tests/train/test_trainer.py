@@ -19,6 +19,12 @@ PROMPTS = [[{"role": "user", "content": f"What is {a} + {b}?"}] for a in range(4
 TIMING_KEYS = {k for k in METRICS if k.startswith("time_")} | {"tokens_per_s"}
 
 
+def _flat(cfg):
+    from opdkit.config import config_to_dict
+
+    return {f"{sec}.{k}": v for sec, fields in config_to_dict(cfg).items() for k, v in fields.items()}
+
+
 def _cfg(dirs, **over):
     base = {
         "model.path": str(dirs["qwen2"]),
@@ -249,6 +255,12 @@ def test_evaluation_steps_are_logged_whatever_log_every(tmp_path, tiny_model_dir
     rows = read_metrics(Trainer(cfg, tmp_path / "run", prompts=PROMPTS, progress=False).run().run_dir)
     assert [r["step"] for r in rows] == [2, 3, 4]
     assert [r.get("eval_accuracy") is not None for r in rows] == [True, False, True]
+    # eval.at_start: the curve starts at step 0, before any update (the same answers as the model loaded)
+    cfg = load_config(None, {**{k: v for k, v in _flat(cfg).items()}, "eval.at_start": True})
+    rows = read_metrics(Trainer(cfg, tmp_path / "run0", prompts=PROMPTS, progress=False).run().run_dir)
+    assert [r["step"] for r in rows] == [0, 2, 3, 4]
+    assert set(rows[0]) == {"step", "eval_accuracy", "eval_response_length", "eval_truncation_rate",
+                            "eval_no_answer_rate", "time_eval_s"}
 
 
 def test_lora_on_the_lm_head_trains_the_adapter(tmp_path, tiny_model_dirs):

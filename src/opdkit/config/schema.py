@@ -202,6 +202,7 @@ class EvalConfig:
     every_steps: int = _f(
         0, "evaluate every this many steps; 0 = only at the end (never without data.eval_path)", ge=0
     )
+    at_start: bool = _f(False, "also evaluate before the first step (logged as step 0: the curve's starting point)")
     n_samples: int = _f(1, "responses per problem; the score is their mean (avg@n)", ge=1)
     temperature: float = _f(1.0, "sampling temperature", gt=0)
     top_p: float = _f(0.9, "nucleus sampling threshold; 1 = off", gt=0, le=1)

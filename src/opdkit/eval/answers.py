@@ -3,7 +3,8 @@
 The searched text is what follows the last ``</think>``; a response that opens ``<think>`` and never
 closes it has no answer (its reasoning is unfinished, and an answer inside reasoning does not count);
 a response without either tag is searched whole. The answer is the content of the last complete
-``\\boxed{...}`` or ``\\fbox{...}`` in that text, braces nested. When there is none, the named
+``\\boxed{...}`` or ``\\fbox{...}`` in that text, braces nested (or of a bare ``\\boxed 5``, as MATH's
+solutions write one-token answers). When there is none, the named
 fall-backs are tried in the order given (none by default, the paper's protocol):
 
 - ``answer_is``: "The (final) answer is X" (last occurrence; X up to the end of the line or sentence);
@@ -46,16 +47,19 @@ def check_fallbacks(fallbacks) -> tuple[str, ...]:
 
 def searched_text(response: str) -> str | None:
     """The part of ``response`` an answer is taken from: after the last ``</think>``; None when a
-    ``<think>`` is never closed; else the whole response."""
-    if _THINK_CLOSE in response:
-        return response.rsplit(_THINK_CLOSE, 1)[1]
-    if _THINK_OPEN in response:
-        return None
-    return response
+    ``<think>`` is left open (before any ``</think>``, or reopened after the last one); else the whole
+    response."""
+    text = response.rsplit(_THINK_CLOSE, 1)[1] if _THINK_CLOSE in response else response
+    return None if _THINK_OPEN in text else text
+
+
+_BARE_BOX = re.compile(r"\\boxed +([^\s${}\\]+)")  # MATH's "\boxed 5": one token, no braces
 
 
 def _last_boxed(text: str) -> str | None:
     found: tuple[int, str] | None = None
+    for m in _BARE_BOX.finditer(text):
+        found = (m.start(), m.group(1))
     for opener in _BOXED:
         start = text.find(opener)
         while start != -1:

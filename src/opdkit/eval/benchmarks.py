@@ -8,20 +8,24 @@ A benchmark is named by a spec ``NAME=SOURCE`` (or a built-in ``SOURCE`` alone):
 - built in: ``demo`` (the demo's arithmetic task, eval split) and ``rg:TASK`` (a reasoning-gym task,
   procedural and offline, graded by its own verifier), e.g. ``rg:chain_sum``.
 
-Columns. The problem is read from the first of ``prompt``, ``problem``, ``question``, ``Problem``, ``Question``,
-``input`` that a record has; the reference answer from the first of ``answer``, ``final_answer``,
-``Answer``, ``expected_answer``, ``gold``, ``target``, and failing those from the last ``\\boxed{}`` of
-``solution``. These cover the public releases of MATH500 (problem/answer), AIME24 and AIME25 (problem or
-Problem or question / answer or Answer), Minerva (question/answer, or problem/solution as in Qwen2.5-Math's
-evaluation data), OlympiadBench (question/final_answer, a list: several answers are joined by ", ") and
-GSM8K (question/answer, the answer being a worked solution whose line ``#### 72`` gives the reference);
-a ``context`` column (OlympiadBench) is put before the problem.
-``fields={"prompt": COLUMN, "answer": COLUMN}`` names the columns of anything else. The training format
-(``prompt`` as text or chat messages, ``answer``) is a benchmark file too.
+Columns. A spec may name them: ``NAME=FILE#prompt=COLUMN,answer=COLUMN`` (``fields=`` gives a default).
+Otherwise the problem is read from the first of ``prompt``, ``problem``, ``question``, ``Problem``,
+``Question``, ``input`` that a record has; the reference answer from the first of ``answer``,
+``final_answer``, ``Answer``, ``expected_answer``, ``gold``, ``target``, and failing those from the last
+``\\boxed{}`` of ``solution``. These cover the public releases of MATH500 (problem/answer), AIME24 and
+AIME25 (problem or Problem or question / answer or Answer), Minerva (question/answer, or problem/solution
+as in Qwen2.5-Math's evaluation data), OlympiadBench (question/final_answer, a list: several answers are
+joined by ", ") and GSM8K (question/answer, the answer being a worked solution whose line ``#### 72``
+gives the reference: a benchmark named gsm8k requires it); a ``context`` column (OlympiadBench) is put
+before the problem. A reference holding ``\\boxed{}`` (a worked solution) is its last box; ``$`` are
+removed from list items. A reference must be text, a number or a list of them (not a boolean, NaN or an
+object). The training format (``prompt`` as text or chat messages, ``answer``) is a benchmark file too.
 
-Prompts. A ``prompt`` column is used as it is (it is what the model was trained to see). A problem from any
-other column becomes one user message ``template.format(problem=text)``; the default template appends
-Qwen2.5-Math's instruction "Please reason step by step, and put your final answer within \\boxed{}.".
+Prompts. A ``prompt`` column is used as it is (it is what the model was trained to see); chat messages must
+end with the turn the model answers. A problem from any other column becomes one user message
+``template.format(problem=text)``; the default template appends Qwen2.5-Math's instruction "Please reason
+step by step, and put your final answer within \\boxed{}.". The ``demo`` built-in keeps its own prompts
+(those its models were trained on). ``system`` is put before every prompt that has no system message.
 """
 
 from __future__ import annotations
@@ -74,23 +78,48 @@ def _norm_name(name: str) -> str:
             "olympiad": "olympiadbench"}.get(key, key)
 
 
+RESERVED_NAMES = ("average",)  # a row of the summary table
+
+
 def parse_benchmark_spec(spec: str) -> tuple[str, str]:
-    """``"NAME=SOURCE"`` -> ``(NAME, SOURCE)``; a lone built-in or file gets a name from it."""
+    """``"NAME=SOURCE"`` -> ``(NAME, SOURCE)``; a lone built-in or file gets a name from it. A field mapping
+    suffix (``#prompt=COLUMN,answer=COLUMN``) stays on SOURCE (see :func:`split_fields`)."""
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"benchmark {spec!r}: expected NAME=FILE, hf:DATASET, demo or rg:TASK")
-    name, sep, source = spec.partition("=")
+    head, hash_, mapping = spec.partition("#")
+    name, sep, source = head.partition("=")
     if not sep:
-        source = spec
-        if spec.startswith(("rg:", "hf:")):
-            name = spec.split(":", 1)[1].split(":")[0].rsplit("/", 1)[-1]
+        source = head
+        if head.startswith(("rg:", "hf:")):
+            name = head.split(":", 1)[1].split(":")[0].rsplit("/", 1)[-1]
         else:
-            name = Path(spec).stem if spec != "demo" else "demo"
+            name = Path(head).stem if head != "demo" else "demo"
     name, source = name.strip(), source.strip()
     if not name or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
         raise DataError(f"benchmark {spec!r}: the name {name!r} must be letters, digits, '_', '-' or '.'")
+    if name in RESERVED_NAMES:
+        raise DataError(f"benchmark {spec!r}: the name {name!r} is reserved (the summary's row over benchmarks); "
+                        "give it another NAME=...")
     if not source:
         raise DataError(f"benchmark {spec!r}: no file or dataset after '='")
-    return name, source
+    return name, source + hash_ + mapping
+
+
+def split_fields(source: str, where: str) -> tuple[str, dict[str, str]]:
+    """``"FILE#prompt=q,answer=a"`` -> ``("FILE", {"prompt": "q", "answer": "a"})``."""
+    path, hash_, mapping = source.partition("#")
+    fields: dict[str, str] = {}
+    if hash_:
+        for item in mapping.split(","):
+            key, sep, column = item.partition("=")
+            key, column = key.strip(), column.strip()
+            if not sep or key not in ("prompt", "answer") or not column:
+                raise DataError(f"benchmark {where}: field mapping {item!r}: expected prompt=COLUMN or "
+                                "answer=COLUMN (as in FILE#prompt=question,answer=final)")
+            if key in fields:
+                raise DataError(f"benchmark {where}: field {key!r} mapped twice")
+            fields[key] = column
+    return path.strip(), fields
 
 
 def _read_records(path: Path) -> list[tuple[str, dict]]:
@@ -99,7 +128,9 @@ def _read_records(path: Path) -> list[tuple[str, dict]]:
     if suffix == ".jsonl":
         return [(f"{path} line {n}", obj) for n, obj in read_jsonl(path, what="benchmark file")]
     if not path.exists():
-        raise DataError(f"benchmark file '{path}': no such file")
+        hint = "" if suffix in (".json", ".parquet") else (
+            " (a file needs a .jsonl, .json or .parquet name; the built-ins are demo and rg:TASK)")
+        raise DataError(f"benchmark file '{path}': no such file{hint}")
     if not path.is_file():
         raise DataError(f"benchmark file '{path}': not a file")
     if suffix == ".json":
@@ -108,6 +139,8 @@ def _read_records(path: Path) -> list[tuple[str, dict]]:
         except UnicodeDecodeError as exc:
             raise DataError(f"benchmark file '{path}': not UTF-8 text (byte {exc.start})") from None
         except json.JSONDecodeError as exc:
+            if exc.msg == "Extra data":  # JSON Lines in a .json file, as several Hugging Face releases ship
+                return [(f"{path} line {n}", obj) for n, obj in read_jsonl(path, what="benchmark file")]
             raise DataError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if isinstance(data, dict):
             lists = [v for v in data.values() if isinstance(v, list)]
@@ -120,8 +153,8 @@ def _read_records(path: Path) -> list[tuple[str, dict]]:
         out = []
         for i, rec in enumerate(data):
             if not isinstance(rec, dict):
-                raise DataError(f"{path} record {i}: expected a JSON object, got {type(rec).__name__}")
-            out.append((f"{path} record {i}", rec))
+                raise DataError(f"{path} record {i} (0-based): expected a JSON object, got {type(rec).__name__}")
+            out.append((f"{path} record {i} (0-based)", rec))
         return out
     if suffix == ".parquet":
         try:
@@ -133,7 +166,7 @@ def _read_records(path: Path) -> list[tuple[str, dict]]:
             rows = pq.read_table(path).to_pylist()
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise DataError(f"benchmark file '{path}': not a readable Parquet file ({exc})") from None
-        return [(f"{path} row {i}", rec) for i, rec in enumerate(rows)]
+        return [(f"{path} row {i} (0-based)", rec) for i, rec in enumerate(rows)]
     raise DataError(f"benchmark file '{path}': unknown format '{suffix or '(none)'}' (expected .jsonl, .json or "
                     ".parquet)")
 
@@ -152,36 +185,59 @@ def _from_hub(source: str) -> list[tuple[str, dict]]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"benchmark '{source}': could not load dataset {dataset!r} split {split!r} ({first:.200}); "
                         "offline machines need a local file: NAME=path/to/file.jsonl") from None
-    return [(f"{source} row {i}", dict(rec)) for i, rec in enumerate(ds)]
+    return [(f"{source} row {i} (0-based)", dict(rec)) for i, rec in enumerate(ds)]
 
 
-def _gold(value, where: str, column: str) -> str:
+def _gold(value, where: str, column: str, gsm8k: bool) -> str:
+    from opdkit.eval.answers import _last_boxed
+
     if isinstance(value, list):  # OlympiadBench: a list (one item, several answers comma-joined inside it)
-        items = [str(v).strip().strip("$").strip() for v in value if v is not None and str(v).strip().strip("$")]
+        if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+            raise DataError(f"{where}: field '{column}' must be a list of answers (text or numbers), got {value!r:.80}")
+        items = [str(v).replace("$", "").strip() for v in value]
+        items = [v for v in items if v]
         if not items:
             raise DataError(f"{where}: field '{column}' is an empty list (no reference answer)")
         return ", ".join(items)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: field '{column}' must be text or a number, got {type(value).__name__} "
+                        f"{value!r:.60}")
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise DataError(f"{where}: field '{column}' is {value} (no reference answer)")
+        if value.is_integer():
+            value = int(value)
     text = str(value).strip()
     if "####" in text:  # GSM8K: the worked solution's last line "#### 1,234"
         text = text.rsplit("####", 1)[1].strip().replace(",", "")
+    elif gsm8k:
+        raise DataError(f"{where}: field '{column}' has no '#### N' line (a GSM8K answer is a worked solution "
+                        "ending with its result)")
+    elif "\\boxed" in text or "\\fbox" in text:  # a worked solution: its last box is the answer
+        boxed = _last_boxed(text)
+        if not boxed:
+            raise DataError(f"{where}: field '{column}' holds a \\boxed{{}} that is empty or never closed")
+        text = boxed
     if not text:
         raise DataError(f"{where}: field '{column}' is empty (no reference answer)")
     return text
 
 
-def _problem(rec: dict, where: str, fields: Mapping[str, str], template: str, system: str | None) -> PromptRecord:
+_FIELD_HINT = "name it in the spec, NAME=FILE#{key}=COLUMN (opdkit eval also takes --field {key}=COLUMN)"
+
+
+def _problem(rec: dict, where: str, fields: Mapping[str, str], template: str, system: str | None,
+             gsm8k: bool = False) -> PromptRecord:
     from opdkit.eval.answers import _last_boxed
 
     pcol = fields.get("prompt") or next((c for c in PROMPT_COLUMNS if c in rec), None)
     if pcol is None or pcol not in rec:
         want = f"'{fields['prompt']}'" if fields.get("prompt") else "one of " + ", ".join(PROMPT_COLUMNS)
-        raise DataError(f"{where}: no problem field ({want}; it has {', '.join(list(rec)[:8])}); name it with "
-                        "--field prompt=COLUMN")
+        raise DataError(f"{where}: no problem field ({want}; it has {', '.join(list(rec)[:8])}); "
+                        + _FIELD_HINT.format(key="prompt"))
     acol = fields.get("answer") or next((c for c in ANSWER_COLUMNS if rec.get(c) is not None), None)
     if acol is not None and acol in rec and rec[acol] is not None:
-        answer = _gold(rec[acol], where, acol)
+        answer = _gold(rec[acol], where, acol, gsm8k)
     else:
         scol = None if fields.get("answer") else next((c for c in SOLUTION_COLUMNS if c in rec), None)
         boxed = None
@@ -191,14 +247,20 @@ def _problem(rec: dict, where: str, fields: Mapping[str, str], template: str, sy
         if not boxed:
             want = f"'{fields['answer']}'" if fields.get("answer") else (
                 "one of " + ", ".join(ANSWER_COLUMNS) + ", or a solution with \\boxed{}")
-            raise DataError(f"{where}: no reference answer ({want}; it has {', '.join(list(rec)[:8])}); name it "
-                            "with --field answer=COLUMN")
+            raise DataError(f"{where}: no reference answer ({want}; it has {', '.join(list(rec)[:8])}); "
+                            + _FIELD_HINT.format(key="answer"))
         answer = boxed
     value = rec[pcol]
     if pcol == "prompt" or isinstance(value, list):
         messages = _messages(value, where, pcol)
+        if messages[-1]["role"] == "assistant":
+            raise DataError(f"{where}: field '{pcol}' ends with an assistant message: a benchmark prompt ends with "
+                            "the turn the model answers (user or tool)")
     else:
-        text = str(value).strip()
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field '{pcol}' must be the problem's text, got {type(value).__name__} "
+                            f"{value!r:.60}")
+        text = value.strip()
         if not text:
             raise DataError(f"{where}: field '{pcol}' is an empty problem")
         context = rec.get("context")  # OlympiadBench: a shared preamble of some problems
@@ -283,12 +345,15 @@ def load_benchmark(
             a benchmark is the same problem set whatever the sampling seed).
     """
     name, source = parse_benchmark_spec(spec)
-    fields = dict(fields or {})
+    source, own_fields = split_fields(source, name)
+    fields = {**dict(fields or {}), **own_fields}  # the spec's own mapping wins over the caller's default
     unknown = set(fields) - {"prompt", "answer"}
     if unknown:
         raise DataError(f"benchmark {name}: unknown field mapping {', '.join(sorted(unknown))} (expected prompt=COLUMN "
                         "and/or answer=COLUMN)")
     _check_template(template)
+    if own_fields and (source == "demo" or source.startswith(("rg:",))):
+        raise DataError(f"benchmark {name}: a field mapping applies to files and datasets, not to {source}")
     if source == "demo":
         bench = _demo_benchmark(name, max_problems or None, seed)
     elif source.startswith("rg:"):
@@ -299,8 +364,9 @@ def load_benchmark(
             rows = rows[:max_problems]
         if not rows:
             raise DataError(f"benchmark {name}: '{source}' holds no problems")
-        bench = Benchmark(name, [_problem(rec, where, fields, template, system) for where, rec in rows], source,
-                          info={"schema": KNOWN.get(_norm_name(name))})
+        gsm8k = _norm_name(name) == "gsm8k" and not fields.get("answer")
+        bench = Benchmark(name, [_problem(rec, where, fields, template, system, gsm8k) for where, rec in rows],
+                          source, info={"schema": KNOWN.get(_norm_name(name))})
     if system and (source == "demo" or source.startswith("rg:")):
         bench.problems = [PromptRecord(({"role": "system", "content": system},) + p.messages, p.answer, p.task,
                                        p.source) for p in bench.problems]

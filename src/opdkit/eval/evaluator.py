@@ -138,9 +138,9 @@ class SamplingEvaluator:
         generate_fn: optional route for ``generate`` (see ``HFSampler``).
         prefix: metric name prefix.
 
-    :meth:`evaluate` metrics: ``{prefix}accuracy`` (avg@n; with several benchmarks the mean of their avg@n,
-    each benchmark counting once), ``{prefix}response_length`` (mean tokens), ``{prefix}truncation_rate``,
-    ``{prefix}no_answer_rate``, and with several benchmarks ``{prefix}{name}_accuracy`` for each.
+    :meth:`evaluate` metrics: ``{prefix}accuracy`` (avg@n), ``{prefix}response_length`` (mean tokens),
+    ``{prefix}truncation_rate``, ``{prefix}no_answer_rate``: with several benchmarks each is the mean of the
+    benchmarks' values (each benchmark counts once), and ``{prefix}{name}_accuracy`` is logged for each.
     """
 
     def __init__(
@@ -274,14 +274,15 @@ class SamplingEvaluator:
         flat = self.reduce_sum([v for acc in per for v in acc])
         totals = [flat[4 * i : 4 * i + 4] for i in range(len(self.benchmarks))]
         counts = [len(b.problems) * n for b in self.benchmarks]
-        accs = [t[0] / c for t, c in zip(totals, counts, strict=True)]
-        samples_all = sum(counts)
+        per_bench = [[v / c for v in t] for t, c in zip(totals, counts, strict=True)]
+        B = len(per_bench)  # each benchmark counts once in every metric, as in opdkit eval's average
         out = {
-            f"{self.prefix}accuracy": sum(accs) / len(accs),
-            f"{self.prefix}response_length": sum(t[1] for t in totals) / samples_all,
-            f"{self.prefix}truncation_rate": sum(t[2] for t in totals) / samples_all,
-            f"{self.prefix}no_answer_rate": sum(t[3] for t in totals) / samples_all,
+            f"{self.prefix}accuracy": sum(b[0] for b in per_bench) / B,
+            f"{self.prefix}response_length": sum(b[1] for b in per_bench) / B,
+            f"{self.prefix}truncation_rate": sum(b[2] for b in per_bench) / B,
+            f"{self.prefix}no_answer_rate": sum(b[3] for b in per_bench) / B,
         }
+        accs = [b[0] for b in per_bench]
         if len(self.benchmarks) > 1:
             for b, a in zip(self.benchmarks, accs, strict=True):
                 out[f"{self.prefix}{b.name}_accuracy"] = a

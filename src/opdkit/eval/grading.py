@@ -6,7 +6,8 @@ evaluate it) counts as wrong with status ``"timeout"`` instead of hanging the ev
 - In a main thread, :func:`grade_answer` bounds the comparison with an interval timer (``SIGALRM``) in
   this process: no process start, microseconds of overhead.
 - Anywhere else (another thread, or a main thread whose interval timer is already in use) it sends the
-  comparison to a shared worker process, which the caller kills and replaces when it overruns.
+  comparison to a worker process, one per concurrent call (up to 8), killed and replaced when it overruns;
+  threads grading at the same time do not wait for each other.
 - :class:`GradingPool` grades many answers in parallel worker processes. The workers are plain
   subprocesses (``python -m opdkit.eval.grading_worker``) speaking JSON lines on stdin/stdout, so they work
   from any context (scripts without a ``__main__`` guard, daemonic processes, threads) and never import
@@ -98,7 +99,7 @@ def grade_answer(answer: str | None, gold, *, timeout_s: float = DEFAULT_TIMEOUT
         return Grade.of(WRONG)
     if _timer_free():
         return Grade.of(_compare_here(answer, str(gold), timeout_s))
-    return _shared_pool(timeout_s).grade_answers([(answer, str(gold))])[0]
+    return _grade_off_main_thread(answer, str(gold), timeout_s)
 
 
 def grade(response: str, gold: str, *, fallbacks=(), timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
@@ -252,18 +253,29 @@ class GradingPool:
         sel.register(fresh.proc.stdout, selectors.EVENT_READ, fresh)
 
 
-_shared: GradingPool | None = None
-_shared_lock = threading.Lock()
+# Grades from threads other than the main one go to single-worker pools, one per concurrent call (at most
+# _THREAD_WORKERS at once), so that threads grading at the same time do not wait for each other.
+_THREAD_WORKERS = max(2, min(8, os.cpu_count() or 2))
+_slots = threading.BoundedSemaphore(_THREAD_WORKERS)
+_idle: list[GradingPool] = []
+_idle_lock = threading.Lock()
 
 
-def _shared_pool(timeout_s: float) -> GradingPool:
-    global _shared
-    with _shared_lock:
-        if _shared is None or _shared.timeout_s != float(timeout_s):
-            if _shared is not None:
-                _shared.close()
-            _shared = GradingPool(1, timeout_s=timeout_s)
-        return _shared
+def _grade_off_main_thread(answer: str, gold: str, timeout_s: float) -> Grade:
+    with _slots:
+        with _idle_lock:
+            pool = next((p for p in _idle if p.timeout_s == float(timeout_s)), None)
+            if pool is not None:
+                _idle.remove(pool)
+        if pool is None:
+            pool = GradingPool(1, timeout_s=timeout_s)
+        try:
+            return pool.grade_answers([(answer, gold)])[0]
+        finally:
+            with _idle_lock:
+                _idle.append(pool)
+                while len(_idle) > _THREAD_WORKERS:  # pools of other time limits, no longer used
+                    _idle.pop(0).close()
 
 
 def grade_many(

@@ -7,12 +7,15 @@ For a problem with ``n`` samples of which ``c`` are correct:
   Trained on Code"): the probability that at least one of k samples drawn without replacement from the n
   is correct, an unbiased estimate of the model's pass@k. Computed as a product, never with large binomials.
 
-A benchmark's score is the mean over its problems; its 95% confidence interval is the normal interval
-``mean ± 1.96 · s / sqrt(P)`` with ``s`` the sample standard deviation of the per-problem scores over the
-``P`` problems (the problems are the sample; the n samples per problem only make each score less noisy).
-The average over benchmarks is the plain mean of the benchmark scores (each benchmark counts once, as
-papers report it), with the interval from the benchmarks' standard errors combined:
-``1.96 · sqrt(Σ se_b²) / B``.
+A benchmark's score is the mean over its P problems; its 95% confidence interval is the Wilson score
+interval of that mean over P trials (z = 1.959964): it stays inside [0, 1] and keeps a width at 0% and
+100% (a normal interval would read "100.0 (100.0–100.0)" from 20 problems). The problems are the sample.
+With n = 1 each problem is a Bernoulli trial and this is the textbook Wilson interval; with n > 1 a
+problem's score c/n lies in [0, 1], so its variance is at most mean·(1 − mean) and the interval is
+conservative (the n samples per problem make each score less noisy, which it does not credit).
+The average over benchmarks is the plain mean of the benchmark scores (each counts once, as papers
+report it); its interval treats the benchmarks as independent: mean ± z·sqrt(Σ se_b²)/B, with se_b each
+benchmark's Wilson half-width divided by z, clipped to [0, 1].
 
 Only the standard library is imported here.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["Z95", "default_ks", "mean_ci", "pass_at_k", "summarise_benchmark", "summarise_average"]
+__all__ = ["Z95", "default_ks", "pass_at_k", "summarise_benchmark", "summarise_average", "wilson"]
 
 Z95 = 1.959963984540054
 
@@ -52,15 +55,16 @@ def default_ks(n: int) -> list[int]:
     return ks
 
 
-def mean_ci(values: Sequence[float]) -> tuple[float, float, float, float]:
-    """``(mean, standard error, low, high)`` of ``values`` (95% normal interval; se 0 for one value)."""
-    p = len(values)
-    if p == 0:
-        nan = float("nan")
-        return nan, nan, nan, nan
-    mean = sum(values) / p
-    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (p - 1) / p) if p > 1 else 0.0
-    return mean, se, mean - Z95 * se, mean + Z95 * se
+def wilson(mean: float, trials: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval ``(low, high)`` of a proportion ``mean`` observed over ``trials`` trials."""
+    if trials < 1:
+        raise ValueError(f"wilson: expected trials >= 1, got {trials}")
+    if not 0 <= mean <= 1:
+        raise ValueError(f"wilson: expected 0 <= mean <= 1, got {mean}")
+    z2 = z * z / trials
+    center = (mean + z2 / 2) / (1 + z2)
+    half = z / (1 + z2) * math.sqrt(mean * (1 - mean) / trials + z2 / (4 * trials))
+    return max(0.0, center - half), min(1.0, center + half)
 
 
 def summarise_benchmark(name: str, correct: Sequence[Sequence[bool]], *, ks: Sequence[int] | None = None,
@@ -69,7 +73,8 @@ def summarise_benchmark(name: str, correct: Sequence[Sequence[bool]], *, ks: Seq
     """One benchmark's summary from ``correct[p][j]`` (problem p, sample j; every problem has the same n).
 
     Returns ``{"benchmark", "problems", "n", "avg@n", "avg@n_ci", "pass@k": {k: value}, "pass@k_ci": {k: [lo, hi]},
-    "response_length", "truncation_rate", "no_answer_rate", "timeouts"}``; the per-sample lists
+    "response_length", "truncation_rate", "no_answer_rate", "timeouts"}`` (intervals: Wilson over problems,
+    see the module docstring); the per-sample lists
     (``lengths``, ``truncated``, ``statuses``) may be empty.
     """
     if not correct:
@@ -79,13 +84,15 @@ def summarise_benchmark(name: str, correct: Sequence[Sequence[bool]], *, ks: Seq
         raise ValueError(f"benchmark {name!r}: every problem needs the same number (>= 1) of samples")
     ks = sorted({k for k in (ks or default_ks(n)) if 1 <= k <= n})
     counts = [sum(bool(x) for x in row) for row in correct]
-    avg, _, lo, hi = mean_ci([c / n for c in counts])
-    out: dict = {"benchmark": name, "problems": len(correct), "n": n, "avg@n": avg, "avg@n_ci": [lo, hi],
-                 "pass@k": {}, "pass@k_ci": {}, "avg@n_se": mean_ci([c / n for c in counts])[1]}
+    P = len(correct)
+    avg = sum(counts) / (n * P)
+    lo, hi = wilson(avg, P)
+    out: dict = {"benchmark": name, "problems": P, "n": n, "avg@n": avg, "avg@n_ci": [lo, hi],
+                 "pass@k": {}, "pass@k_ci": {}, "avg@n_se": (hi - lo) / (2 * Z95)}
     for k in ks:
-        m, _, klo, khi = mean_ci([pass_at_k(n, c, k) for c in counts])
+        m = sum(pass_at_k(n, c, k) for c in counts) / P
         out["pass@k"][str(k)] = m
-        out["pass@k_ci"][str(k)] = [klo, khi]
+        out["pass@k_ci"][str(k)] = list(wilson(m, P))
     samples = len(correct) * n
     out["response_length"] = sum(lengths) / len(lengths) if lengths else None
     out["truncation_rate"] = sum(map(bool, truncated)) / len(truncated) if truncated else None
@@ -101,4 +108,4 @@ def summarise_average(summaries: Sequence[dict]) -> dict:
         raise ValueError("no benchmarks to average")
     mean = sum(s["avg@n"] for s in summaries) / b
     se = math.sqrt(sum(s["avg@n_se"] ** 2 for s in summaries)) / b
-    return {"benchmarks": b, "avg@n": mean, "avg@n_ci": [mean - Z95 * se, mean + Z95 * se]}
+    return {"benchmarks": b, "avg@n": mean, "avg@n_ci": [max(0.0, mean - Z95 * se), min(1.0, mean + Z95 * se)]}

@@ -77,6 +77,61 @@ def _check_out_dir(out: Path) -> bool:
                       "or empty directory")
 
 
+def _lock(out: Path):
+    """An exclusive lock on the evaluation directory for this process's lifetime (released on exit or kill):
+    a second ``opdkit eval`` on the same ``--out`` is refused instead of interleaving samples."""
+    import fcntl
+
+    f = open(out / ".opdkit-eval.lock", "a")  # noqa: SIM115 - held open while the evaluation runs
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise OpdkitError(f"--out '{out}': another opdkit eval is writing to it (wait for it to finish, or give "
+                          "another --out)") from None
+    return f
+
+
+def _check_model_dir(path: Path) -> None:
+    from opdkit.train.run_dir import MARKER_FILE
+
+    if (path / MARKER_FILE).exists():
+        hint = f"evaluate its trained student, --model {path / 'final'}" if (path / "final").is_dir() else (
+            "it has no final/ yet (the run has not finished); checkpoints hold training state, not a model")
+        raise OpdkitError(f"--model '{path}': is a training run directory; {hint}")
+
+
+def _check_prompts(benchmarks, tokenizer, model_path, max_new_tokens: int, log) -> None:
+    """Every prompt renders, and fits the model's context (an error names the benchmark and problem); a
+    warning counts the prompts whose response budget runs past the context."""
+    from opdkit.data.chat import render_chat
+    from opdkit.data.jsonl import DataError
+    from opdkit.errors import InputError
+
+    context = None
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+        context = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+    except (OSError, ValueError):
+        pass
+    over = 0
+    for b in benchmarks:
+        for p in b.problems:
+            chars = sum(len(m["content"]) for m in p.messages)
+            try:
+                n = len(render_chat(tokenizer, p.messages)) if context is None or chars < 64 * context else None
+            except InputError as exc:
+                raise DataError(f"benchmark {b.name}, {p.source}: {exc}") from None
+            if context is not None and (n is None or n >= context):
+                raise DataError(f"benchmark {b.name}, {p.source}: the prompt is {'far ' if n is None else ''}longer "
+                                f"than the model's context ({n or '>' + str(context)} of {context} tokens)")
+            if context is not None and n + max_new_tokens > context:
+                over += 1
+    if over:
+        log(f"warning: {over} prompt(s) plus --max-new-tokens {max_new_tokens} run past the model's context of "
+            f"{context} tokens; their answers may be cut short or degrade")
+
+
 def _compare_manifest(old: dict, new: dict, out: Path) -> None:
     changed = []
     for key in ("model_sha256", "chat_template_sha256"):
@@ -197,23 +252,24 @@ def run_eval(
     elif device == "cuda" and not torch.cuda.is_available():
         raise OpdkitError("--device cuda: this machine has no usable CUDA GPU (or torch is a CPU build)")
     dev = torch.device(device)
-    prec = resolve_precision(precision, dev, log=log)
+    prec = resolve_precision(precision, dev, log=log, key="--precision")
+    _check_model_dir(Path(model_path))
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-    apply_chat_template_setting(tokenizer, chat_template, where=f"--model '{model_path}'")
-    from opdkit.data.prompts import check_prompt_lengths
-
-    for b in benchmarks:  # every prompt renders (a template error names the problem, before any sampling)
-        check_prompt_lengths(b.problems, tokenizer, 10**9)
+    apply_chat_template_setting(tokenizer, chat_template, key="--chat-template", where=f"--model '{model_path}'")
+    _check_prompts(benchmarks, tokenizer, model_path, settings.max_new_tokens, log)
     manifest = {
         "model": str(Path(model_path).resolve()),
         "model_sha256": model_dir_digest(model_path),
         "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
-        "settings": {**dataclasses.asdict(settings), "fallbacks": list(settings.fallbacks)},
+        "settings": {**dataclasses.asdict(settings), "fallbacks": list(settings.fallbacks),
+                     "precision": prec.name, "device": dev.type},
         "benchmarks": {b.name: {"source": b.source, "problems": len(b.problems), "digest": _digest_problems(b)}
                        for b in benchmarks},
     }
     manifest["settings"].pop("batch_size")  # neither changes a sample
     manifest["settings"].pop("grading_processes")
+    if settings.greedy:  # not used by greedy decoding
+        manifest["settings"]["temperature"] = manifest["settings"]["top_p"] = None
     if resume:
         try:
             old = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
@@ -226,6 +282,7 @@ def run_eval(
                            trust_remote_code=trust_remote_code, device=dev)
 
     out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
     (out / EVAL_MARKER).touch()
     _write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     rows = read_samples(out)
@@ -261,6 +318,7 @@ def run_eval(
             bar.close()
         if pool is not None:
             pool.close()
+    lock.close()
     summary = summarise_samples(rows, [b.name for b in benchmarks], settings.n_samples, ks)
     summary["model"] = manifest["model"]
     summary["settings"] = manifest["settings"] | {"n_samples": settings.n_samples}
@@ -268,6 +326,12 @@ def run_eval(
                           "generate": round(timings.get("generate_s", 0.0), 2),
                           "grade": round(timings.get("grade_s", 0.0), 2), "samples": len(todo)}
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    truncated = [b for b in summary["benchmarks"] if (b["truncation_rate"] or 0) > 0.1]
+    if truncated:
+        worst = max(truncated, key=lambda b: b["truncation_rate"])
+        log(f"warning: {worst['truncation_rate']:.0%} of {worst['benchmark']}'s answers hit --max-new-tokens "
+            f"{settings.max_new_tokens} and were cut (no answer counts as wrong); reasoning models need thousands "
+            "of tokens: raise --max-new-tokens")
     s = settings
     how = "greedy" if s.greedy else f"temperature {s.temperature}, top-p {s.top_p}"
     _write_atomic(out / "summary.md", f"# Evaluation of `{manifest['model']}`\n\n{s.n_samples} sample(s) per problem, "

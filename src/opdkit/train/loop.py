@@ -263,6 +263,11 @@ class Trainer:
             bar = tqdm(total=cfg.optim.total_steps, initial=start, desc="opd", unit="step", dynamic_ncols=True)
         try:
             with StopRequests() as stop:
+                if start == 0 and cfg.eval.at_start and self.c.evaluator is not None:
+                    before: dict[str, Any] = {"step": 0}
+                    self._evaluate(0, before)
+                    if logger is not None:
+                        logger.log(before)
                 metrics, skipped = self._loop(start, counters, logger, bar, stop, on_step)
         finally:
             if bar is not None:

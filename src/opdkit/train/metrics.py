@@ -77,7 +77,8 @@ METRICS: dict[str, MetricSpec] = {
     "eval_response_length": _m("mean response tokens of the evaluation answers", "global"),
     "eval_truncation_rate": _m("fraction of evaluation answers that hit eval.max_new_tokens", "global"),
     "eval_no_answer_rate": _m("fraction of evaluation answers with no final answer (no \\boxed{})", "global"),
-    # with several benchmarks in data.eval_path, also eval_<name>_accuracy for each (eval_accuracy is their mean)
+    # with several benchmarks in data.eval_path, also eval_<name>_accuracy for each; every eval_* above is then
+    # the mean of the benchmarks' values (each counts once). eval.at_start logs a step-0 row of eval_* only.
 }
 
 

@@ -29,6 +29,9 @@ PANELS = {
 }
 
 
+_FRACTIONS = ("accuracy", "_rate", "_frac", "_mass")  # metrics that live in [0, 1]
+
+
 def _read(path: Path) -> list[dict]:
     from opdkit.data.jsonl import DataError, read_jsonl
 
@@ -85,6 +88,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         for ax, (key, pts) in zip(axes[:, 0], series.items()):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
             ax.set_ylabel(key, fontsize=8)
+            if key.endswith(_FRACTIONS):  # a flat 5% line should not fill the panel with 0.048-0.052
+                ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
         axes[-1, 0].set_xlabel("step")
         fig.suptitle(f"{title} — {run.name}")

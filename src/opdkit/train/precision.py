@@ -38,7 +38,7 @@ class Precision:
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
 
-def resolve_precision(setting: str, device: torch.device, log=None) -> Precision:
+def resolve_precision(setting: str, device: torch.device, log=None, key: str = "run.precision") -> Precision:
     """``run.precision`` (``auto``, ``fp32``, ``bf16``) on ``device`` -> a :class:`Precision`."""
     cuda = device.type == "cuda"
     if setting == "auto":
@@ -46,8 +46,8 @@ def resolve_precision(setting: str, device: torch.device, log=None) -> Precision
     else:
         name = setting
     if name == "bf16" and not cuda and log is not None:
-        log("warning: run.precision=bf16 on a CPU: correct, but bf16 matmuls there are several times slower "
-            "than fp32 (measured 7x for a 1.5B Qwen2 forward); run.precision=fp32 is faster")
+        log(f"warning: {key} bf16 on a CPU: correct, but bf16 matmuls there are several times slower "
+            f"than fp32 (measured 7x for a 1.5B Qwen2 forward); {key} fp32 is faster")
     return Precision(name, device.type)
 
 
