@@ -31,6 +31,7 @@ def make_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
     pairs = []
     for i in range(n):
         a, b = rng.randint(1, 97), rng.randint(2, 89)
+        b = b + 1 if b == a else b  # (a, b) and (b, a) must differ
         kind = i % 8
         right = i % 2 == 0
         if kind == 0:
