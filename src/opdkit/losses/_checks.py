@@ -97,7 +97,14 @@ def check_leading(name: str, x: torch.Tensor, leading: torch.Size, ref: str, *, 
 
 def check_no_nan(name: str, x: torch.Tensor, *, allow_neg_inf: bool = True) -> None:
     """No NaN (and no +inf; -inf only when allowed) in ``x``."""
-    if x.numel() == 0 or bool(torch.isfinite(x).all()):  # one pass in the common case
+    if x.numel() == 0:
+        return
+    # A sum is finite only if every element is (a NaN or an inf propagates): one reduction and no [x.shape]
+    # bool temporary in the common case (909 MiB and 0.4 s for a 151,936 x 896 float32 head). A finite
+    # tensor whose sum overflows falls through to the exact checks below.
+    if x.is_floating_point() and bool(torch.isfinite(x.sum(dtype=torch.float64))):
+        return
+    if bool(torch.isfinite(x).all()):
         return
     if bool(torch.isnan(x).any()):
         raise InputError(f"{name}: contains NaN")

@@ -116,6 +116,8 @@ class _SupportFromHidden(torch.autograd.Function):
                     grad_w.index_add_(0, ids_N_K[s:e].reshape(-1), g.reshape(-1, H).to(acc_dtype))
                 else:
                     grad_w += g.to(acc_dtype)
+                del g
+            del h, source, per, grads  # free this chunk's rows and graph before the next one is built
         if grad_w is not None and grad_w.dtype != weight_V_H.dtype:
             grad_w = grad_w.to(weight_V_H.dtype)
         return grad_h, grad_w, None, None, None, None
@@ -133,7 +135,7 @@ def support_kl_from_hidden(
     beta: float = 0.5,
     tail_bucket: bool = False,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     check_inputs: bool = True,
 ) -> torch.Tensor:
     """``support_kl(hidden @ weight.T, ...)`` without forming the ``[..., V]`` logits.
@@ -150,7 +152,8 @@ def support_kl_from_hidden(
         mask: ``[...]`` bool or 0/1 loss mask.
         renormalize, divergence, beta, tail_bucket, temperature, check_inputs: as in ``support_kl``.
         chunk_size: positions per chunk (memory ``O(chunk · K · H)``, or ``O(chunk · V)`` when
-            ``renormalize=False``).
+            ``renormalize=False``); default 256 on a CPU (faster and leaner there than 1024, see
+            benchmarks/README.md), 1024 on a GPU.
 
     Returns:
         ``[...]`` per-token loss in float32 (float64 for float64 inputs); 0 where masked. It is computed in
@@ -167,6 +170,8 @@ def support_kl_from_hidden(
         raise InputError(f"weight: dtype {weight.dtype} does not match hidden's {hidden.dtype}")
     if weight.device != hidden.device:
         raise InputError(f"weight: on {weight.device} but hidden is on {hidden.device}")
+    if chunk_size is None:
+        chunk_size = 256 if hidden.device.type == "cpu" else 1024
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise InputError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
     check_support_options(renormalize, divergence, beta, tail_bucket, temperature)
