@@ -149,6 +149,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise OpdkitError(f"--max-problems: expected an integer >= 0 (0 = all), got {args.max_problems}")
     if args.seed < 0:
         raise OpdkitError(f"--seed: expected an integer >= 0, got {args.seed}")
+    if args.threads < 0:
+        raise OpdkitError(f"--threads: expected an integer >= 0 (0 = the available cores), got {args.threads}")
     d = _eval_defaults()
     try:
         settings = EvalSettings(
@@ -167,7 +169,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                template=args.prompt_template, system=args.system, max_problems=args.max_problems,
                                ks=args.k, device=args.device, precision=args.precision,
                                chat_template=args.chat_template, trust_remote_code=args.trust_remote_code,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, threads=args.threads)
     except KeyboardInterrupt:
         samples = out / SAMPLES_FILE
         if samples.exists() and samples.stat().st_size:
@@ -365,6 +367,8 @@ exit status: 0 done; 2 bad input; 75 interrupted (samples so far kept: run the s
     p.add_argument("--chat-template", default="model", metavar="model|none|FILE",
                    help="the chat template, as model.chat_template (default: the tokenizer's own)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow modelling code shipped with the model")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = the cores this process may use "
+                   "(affinity, cgroup quota). A busy core slows 2-thread torch 20-70x (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
 

@@ -248,6 +248,13 @@ class RunConfig:
         "accelerate launch each process uses its own GPU",
         choices=("auto", "cpu", "cuda"),
     )
+    threads: int = _f(
+        0,
+        "torch CPU threads per process; 0 = the cores this process may use (CPU affinity, cgroup quota) divided by "
+        "the processes on this machine. A busy core slows a 2-thread torch 20-70x: give fewer threads on a "
+        "shared machine",
+        ge=0,
+    )
     precision: str = _f(
         "auto",
         "compute precision of every student pass (rollout, pi_old, loss), by autocast; weights stay float32. "

@@ -218,6 +218,7 @@ def run_eval(
     chat_template: str = "model",
     trust_remote_code: bool = False,
     progress: bool = True,
+    threads: int = 0,
     log=None,
 ) -> dict:
     """Evaluate the model in ``model_path`` on the benchmarks ``specs`` (see :mod:`opdkit.eval.benchmarks`)
@@ -253,6 +254,9 @@ def run_eval(
         raise OpdkitError("--device cuda: this machine has no usable CUDA GPU (or torch is a CPU build)")
     dev = torch.device(device)
     prec = resolve_precision(precision, dev, log=log, key="--precision")
+    from opdkit.threads import configure_threads
+
+    configure_threads(threads)
     _check_model_dir(Path(model_path))
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     apply_chat_template_setting(tokenizer, chat_template, key="--chat-template", where=f"--model '{model_path}'")

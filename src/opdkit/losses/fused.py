@@ -117,7 +117,7 @@ class _SupportFromHidden(torch.autograd.Function):
                 else:
                     grad_w += g.to(acc_dtype)
                 del g
-            del h, source, per, grads  # free this chunk's rows and graph before the next one is built
+            del h, source, per, wrt, grads  # free this chunk's rows and graph before the next one is built
         if grad_w is not None and grad_w.dtype != weight_V_H.dtype:
             grad_w = grad_w.to(weight_V_H.dtype)
         return grad_h, grad_w, None, None, None, None

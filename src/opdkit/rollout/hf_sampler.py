@@ -7,6 +7,9 @@ explicit logits-processor chain built from transformers' own classes::
 
     raw logits -> [record log_softmax(raw / τ)] -> block pad -> Temperature -> TopK -> TopP -> [record log_softmax]
 
+(TopP is :class:`opdkit.rollout.nucleus.FastTopPLogitsWarper`: transformers' ``TopPLogitsWarper``'s kept
+tokens, found without sorting the vocabulary.)
+
 ``generate`` samples from the softmax of what the chain returns, so the second record is exactly the
 truncated distribution that was sampled, and the first is the untruncated tempered student. Each record
 keeps only the previous step's ``B x V`` row and gathers the sampled token from it at the next step (the
@@ -272,8 +275,9 @@ class HFSampler:
             SuppressTokensLogitsProcessor,
             TemperatureLogitsWarper,
             TopKLogitsWarper,
-            TopPLogitsWarper,
         )
+
+        from opdkit.rollout.nucleus import FastTopPLogitsWarper
 
         recorder_cls, _, gumbel_cls = _processors()
         s = self.settings
@@ -287,7 +291,7 @@ class HFSampler:
         if s.top_k > 0:
             chain.append(TopKLogitsWarper(top_k=int(s.top_k)))
         if s.top_p < 1.0:
-            chain.append(TopPLogitsWarper(top_p=float(s.top_p)))
+            chain.append(FastTopPLogitsWarper(top_p=float(s.top_p)))  # the warper's tokens, without its sort
         chain.append(processed)
         chain.append(gumbel_cls(prompt_len, seeds_B))
         return LogitsProcessorList(chain), raw, processed

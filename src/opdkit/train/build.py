@@ -271,6 +271,9 @@ def build_components(
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
     dist = Dist(accelerator)
+    from opdkit.threads import configure_threads
+
+    configure_threads(cfg.run.threads)
     _check_batch_shape(cfg, dist.world)
     if dist.is_fsdp and cfg.model.lora_r > 0:
         raise OpdkitError("model.lora_r > 0 under FSDP is not supported yet (export would need the sharded "

@@ -125,7 +125,8 @@ class Trainer:
         self.last_step: StepRecord | None = None
         self.last_checkpoint: Path | None = None
         self.log(f"opdkit: {self.c.head_description}; precision {self.c.precision.name}; "
-                 f"{self.c.dist.world} process(es) on {self.c.dist.device}")
+                 f"{self.c.dist.world} process(es) on {self.c.dist.device}, "
+                 f"{torch.get_num_threads()} CPU thread(s) each")
 
     # conveniences for callers and tests
     @property
