@@ -46,6 +46,9 @@ class RolloutBatch:
         task_ids: per sequence, an optional task or environment name.
         turn_bounds: per sequence, ``(start, end)`` response-column spans of each generated turn, for
             multi-turn episodes (empty for single-turn).
+        entropy_B_T, logsumexp_B_T: entropy (nats) and log-normaliser of the untruncated tempered student at
+            each position, as sampled (0 outside the response mask); with ``old_logprobs_B_T`` they make a
+            ``StudentPass`` without a second forward pass (``rollout.old_logprobs``). None if not recorded.
     """
 
     input_ids_B_L: torch.Tensor
@@ -59,6 +62,8 @@ class RolloutBatch:
     prompt_index: tuple[int, ...]
     task_ids: tuple[str | None, ...] = ()
     turn_bounds: tuple[tuple[tuple[int, int], ...], ...] = ()
+    entropy_B_T: torch.Tensor | None = None
+    logsumexp_B_T: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

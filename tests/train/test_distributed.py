@@ -159,10 +159,15 @@ def test_processes_with_unequal_shares_run_their_forward_passes_in_lockstep(tmp_
     sequence of student forward passes (what FSDP, which gathers parameters inside each forward, needs)."""
     over = _overrides(tiny_model_dirs, **{"optim.prompts_per_step": 5, "rollout.n_samples": 1,
                                          "optim.mini_batches": 1, "optim.micro_batch_size": 2,
-                                         "optim.total_steps": 2})
+                                         "optim.total_steps": 2, "rollout.old_logprobs": "recompute"})
     run = _run(tmp_path, "uneven", over, 2)
     f0 = json.loads((run / "forwards-0.json").read_text())
     f1 = json.loads((run / "forwards-1.json").read_text())
     assert f0 == f1 and f0.count("student_pass") == 4 and f0.count("fn") == 4
+    # pi_old from the sampler (the float32 default on a CPU): no student pass at all, still in lockstep
+    fast = _run(tmp_path, "uneven-sampler", {**over, "rollout.old_logprobs": "auto"}, 2)
+    g0 = json.loads((fast / "forwards-0.json").read_text())
+    assert g0 == json.loads((fast / "forwards-1.json").read_text()) and g0.count("student_pass") == 0
+    _assert_rows_close(read_metrics(fast), read_metrics(run), rel=1e-3)
     one = _run(tmp_path, "uneven1", over, 1)
     _assert_rows_close(read_metrics(one), read_metrics(run))

@@ -101,6 +101,13 @@ class RolloutConfig:
         "index), so a run samples the same responses on any number of processes",
         ge=0,
     )
+    old_logprobs: str = _f(
+        "auto",
+        "where pi_old comes from: sampler (the log-probs recorded while sampling: no second student pass), "
+        "recompute (a teacher-forced pass of the student), or auto (sampler when run.precision resolves to fp32 "
+        "and the support is not the student's own top-K, else recompute). In fp32 both agree to float rounding",
+        choices=("auto", "sampler", "recompute"),
+    )
     engine: str = _f(
         "hf", "generation engine: Hugging Face generate; vllm is not supported yet (refused)", choices=("hf", "vllm")
     )

@@ -64,7 +64,7 @@ def generate_responses(
     if not problems:
         return Responses(texts, num_tokens, finished)
     settings = RolloutConfig(temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, n_samples=1)
-    sampler = HFSampler(model, tokenizer, settings)
+    sampler = HFSampler(model, tokenizer, settings, record_stats=False)
     was_training = model.training
     model.eval()
     try:

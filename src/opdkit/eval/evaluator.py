@@ -194,7 +194,7 @@ class SamplingEvaluator:
         from opdkit.rollout.hf_sampler import HFSampler
 
         s = self.settings
-        sampler = HFSampler(model, tokenizer, s.rollout(), generate_fn=self.generate_fn)
+        sampler = HFSampler(model, tokenizer, s.rollout(), generate_fn=self.generate_fn, record_stats=False)
         own_pool = None
         if pool is None and s.grading_processes > 0 and self.grader is None and any(
                 b.grader is None for b in self.benchmarks):

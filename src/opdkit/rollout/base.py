@@ -37,13 +37,15 @@ class Sampler(Protocol):
 
 
 def build_sampler(settings: RolloutConfig, model, tokenizer, *, generate_fn=None,
-                  max_prompt_tokens: int | None = None) -> Sampler:
+                  max_prompt_tokens: int | None = None, record_stats: bool = True) -> Sampler:
     """The sampler of ``rollout.engine`` for ``model`` (the unwrapped student) and its tokenizer;
-    ``max_prompt_tokens``: left-truncate longer prompts to it."""
+    ``max_prompt_tokens``: left-truncate longer prompts to it; ``record_stats``: also record the entropy and
+    log-normaliser of every step (what makes the trainer's second student pass unnecessary)."""
     if settings.engine == "hf":
         from opdkit.rollout.hf_sampler import HFSampler
 
-        return HFSampler(model, tokenizer, settings, generate_fn=generate_fn, max_prompt_tokens=max_prompt_tokens)
+        return HFSampler(model, tokenizer, settings, generate_fn=generate_fn, max_prompt_tokens=max_prompt_tokens,
+                         record_stats=record_stats)
     raise OpdkitError(
         f"rollout.engine: {settings.engine!r} is not supported yet (vLLM rollouts are planned); use 'hf'"
     )

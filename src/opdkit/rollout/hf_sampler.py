@@ -98,11 +98,14 @@ def _processors():
         The scores pass through unchanged.
         """
 
-        def __init__(self, prompt_len: int, scale: float = 1.0):
+        def __init__(self, prompt_len: int, scale: float = 1.0, stats: bool = False):
             self.prompt_len = prompt_len
             self.scale = scale
+            self.stats = stats  # also the entropy and log-normaliser of each step's distribution
             self.pending: torch.Tensor | None = None
             self.values: list[torch.Tensor] = []
+            self.entropy: list[torch.Tensor] = []
+            self.lse: list[torch.Tensor] = []
 
         def resolve(self, last_ids: torch.Tensor) -> None:
             if self.pending is not None:
@@ -115,7 +118,14 @@ def _processors():
             x = scores.float()
             if self.scale != 1.0:
                 x = x * self.scale
-            self.pending = torch.log_softmax(x, dim=-1)
+            if self.stats:  # as the student pass computes them (opdkit.student.student_pass)
+                lse = torch.logsumexp(x, dim=-1)
+                lp = x - lse.unsqueeze(-1)
+                self.lse.append(lse)
+                self.entropy.append(-(lp.exp() * lp).nan_to_num().sum(-1))
+                self.pending = lp
+            else:
+                self.pending = torch.log_softmax(x, dim=-1)
             return scores
 
     class _StopStringRecorder(StoppingCriteria):
@@ -159,6 +169,8 @@ class HFSampler:
         tokenizer_path: shown in error messages (defaults to ``tokenizer.name_or_path``).
         generate_fn: where ``generate`` is called (default ``model.generate``).
         max_prompt_tokens: keep only the last this many tokens of a longer prompt (left truncation).
+        record_stats: also record each position's entropy and log-normaliser (``RolloutBatch.entropy_B_T``,
+            ``logsumexp_B_T``; one more pass over the step's ``B x V`` row); False leaves them None.
 
     The pad token is never sampled unless it is also the EOS token (then it ends the sequence). A tokenizer
     without a pad token pads with its EOS token.
@@ -173,9 +185,11 @@ class HFSampler:
         tokenizer_path: str | None = None,
         generate_fn=None,
         max_prompt_tokens: int | None = None,
+        record_stats: bool = True,
     ):
         self.model = model
         self.max_prompt_tokens = max_prompt_tokens
+        self.record_stats = record_stats
         # Where ``generate`` is called: the model's own, or a route through a distributed wrapper's forward
         # (FSDP must gather its shards inside the wrapper; see opdkit.train.build).
         self.generate_fn = generate_fn if generate_fn is not None else model.generate
@@ -281,7 +295,7 @@ class HFSampler:
 
         recorder_cls, _, gumbel_cls = _processors()
         s = self.settings
-        raw = recorder_cls(prompt_len, scale=1.0 / float(s.temperature))
+        raw = recorder_cls(prompt_len, scale=1.0 / float(s.temperature), stats=self.record_stats)
         processed = recorder_cls(prompt_len)
         chain: list = [raw]
         if self.pad_id not in self.eos_ids:
@@ -432,6 +446,8 @@ class HFSampler:
                 rec.resolve(response[:, len(rec.values)])
         old_lp = torch.stack(raw_rec.values[:T], dim=1)
         samp_lp = torch.stack(proc_rec.values[:T], dim=1)
+        ent = torch.stack(raw_rec.entropy[:T], dim=1) if self.record_stats else None
+        lse = torch.stack(raw_rec.lse[:T], dim=1) if self.record_stats else None
 
         # end of each response: the first stop id, or the step where a stop string matched
         steps = torch.arange(T, device=response.device)
@@ -449,6 +465,9 @@ class HFSampler:
         zero = torch.zeros((), dtype=old_lp.dtype, device=old_lp.device)
         old_lp = torch.where(mask.bool(), old_lp[:, :T_out].to(mask.device), zero)
         samp_lp = torch.where(mask.bool(), samp_lp[:, :T_out].to(mask.device), zero)
+        if self.record_stats:
+            ent = torch.where(mask.bool(), ent[:, :T_out].to(mask.device), zero)
+            lse = torch.where(mask.bool(), lse[:, :T_out].to(mask.device), zero)
 
         tasks = tuple(task_ids[i] for i in range(len(encoded)) for _ in range(n)) if task_ids is not None else ()
         return RolloutBatch(
@@ -462,6 +481,8 @@ class HFSampler:
             finish_reason=tuple(FINISH_STOP if bool(x) else FINISH_LENGTH for x in stopped.tolist()),
             prompt_index=row_prompt,
             task_ids=tasks,
+            entropy_B_T=ent,
+            logsumexp_B_T=lse,
         )
 
     def sync_weights(self, model) -> None:

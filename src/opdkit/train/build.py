@@ -75,6 +75,20 @@ class Components:
     head_description: str
     identity: dict  # digests of the student and teacher directories and of the chat template, checked on resume
     load_dtype: torch.dtype = torch.float32  # the dtype the student was loaded in: the exported model's
+    pi_old_from_sampler: bool = False  # rollout.old_logprobs resolved: no second student pass
+
+
+def _pi_old_from_sampler(cfg: Config, precision: Precision, objective) -> bool:
+    """``rollout.old_logprobs`` resolved. The sampler's log-probs equal a teacher-forced pass's only when both
+    run in float32 (generate's logits are float32 either way, a bf16 pass is not), and it records no top-K."""
+    setting = cfg.rollout.old_logprobs
+    why = ("run.precision resolves to bf16 (the training passes would differ from generate's float32 logits)"
+           if precision.name != "fp32" else
+           "objective.support=student_topk needs the student's own top-K, which only the student pass gives"
+           if objective.student_topk else None)
+    if setting == "sampler" and why:
+        raise OpdkitError(f"rollout.old_logprobs=sampler: not possible here, {why}; use auto or recompute")
+    return setting == "sampler" or (setting == "auto" and why is None)
 
 
 def _device_settings(cfg: Config) -> bool:
@@ -359,7 +373,9 @@ def build_components(
             return module(_generate, **kwargs)
 
     truncate = cfg.data.max_prompt_tokens if cfg.data.prompt_overflow == "truncate_left" else None
-    sampler = build_sampler(cfg.rollout, inner, tokenizer, generate_fn=generate_fn, max_prompt_tokens=truncate)
+    pi_old_from_sampler = _pi_old_from_sampler(cfg, precision, objective)
+    sampler = build_sampler(cfg.rollout, inner, tokenizer, generate_fn=generate_fn, max_prompt_tokens=truncate,
+                            record_stats=pi_old_from_sampler)
     if evaluator is None:
         evaluator = _build_evaluator(cfg, dist, generate_fn, eval_problems)
     head_description = objective.describe(output_head(inner))
@@ -368,6 +384,7 @@ def build_components(
         create_run_dir(cfg, path, overwrite=overwrite)
     dist.barrier()
     return Components(
+        pi_old_from_sampler=pi_old_from_sampler,
         cfg=cfg, run_dir=path, accelerator=accelerator, dist=dist, precision=precision, tokenizer=tokenizer,
         module=module, lm=inner, optimizer=optimizer, scheduler=scheduler, sampler=sampler, teacher=teacher,
         objective=objective, evaluator=evaluator, special_ids=special_ids, prompts=records,

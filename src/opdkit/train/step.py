@@ -143,11 +143,14 @@ def run_step(c, step: int, records: list, positions: list[int], *, keep_record: 
                                    mode=o.special_token_mode)
     B = batch.batch_size
 
-    # 2. student pass (no grad, through the prepared module, under the precision policy)
+    # 2. student pass (no grad, through the prepared module, under the precision policy), unless the sampler
+    # already recorded pi_old, its entropy and log-normaliser in the same (float32) precision
     t1 = time.perf_counter()
     passes = []
+    if c.pi_old_from_sampler:
+        passes.append(StudentPass(batch.old_logprobs_B_T, batch.entropy_B_T, batch.logsumexp_B_T))
     with torch.no_grad(), c.precision.autocast():
-        for a, b in parts(0, B, -(-sum(plan.busiest) // mb)):
+        for a, b in ([] if c.pi_old_from_sampler else parts(0, B, -(-sum(plan.busiest) // mb))):
             r = slice(a, b) if b > a else slice(0, 1)  # an empty part: a pass kept in lockstep, then dropped
             out = c.module(student_pass, batch.input_ids_B_L[r], batch.attention_mask_B_L[r],
                            batch.prompt_len, batch.sampled_ids_B_T[r], batch.response_mask_B_T[r],
