@@ -71,7 +71,13 @@ class TeacherConfig:
     """The teacher that scores the student's samples: a local model (path) or a remote server (url)."""
 
     path: str | None = _f(None, "teacher model directory (a Hugging Face causal LM); or set url")
-    dtype: str = _f("float32", "weights dtype; auto = the checkpoint's own", choices=_DTYPES)
+    dtype: str = _f(
+        "run",
+        "weights dtype of the teacher (it is never trained): run = the run's compute precision (bfloat16 when "
+        "run.precision resolves to bf16, i.e. on a CUDA GPU that supports it; float32 on a CPU, where bf16 is "
+        "several times slower); auto = the checkpoint's own",
+        choices=("run",) + _DTYPES,
+    )
     trust_remote_code: bool = _f(False, "run modelling code shipped in the model directory; only if you trust it")
     url: str | None = _f(None, "address of a remote teacher server, instead of path (not supported yet: refused)")
     chunk_size: int = _f(256, "response positions scored per chunk; bounds memory to O(chunk_size x vocab)", ge=1)

@@ -324,7 +324,13 @@ def build_components(
     special_ids = resolve_special_ids(tokenizer, cfg.objective.special_tokens)
     with _naming("teacher.path"):
         teacher_tok = load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
-        teacher_model = load_causal_lm(cfg.teacher.path, dtype=cfg.teacher.dtype,
+        teacher_dtype = cfg.teacher.dtype
+        if teacher_dtype == "run":
+            teacher_dtype = "bfloat16" if precision.name == "bf16" else "float32"
+        elif teacher_dtype == "bfloat16" and device.type == "cpu" and dist.is_main:
+            log("warning: teacher.dtype=bfloat16 on a CPU: correct, but several times slower than float32 (a 1.5B "
+                "Qwen2 forward measured 7x); teacher.dtype=run picks float32 here")
+        teacher_model = load_causal_lm(cfg.teacher.path, dtype=teacher_dtype,
                                        trust_remote_code=cfg.teacher.trust_remote_code, device=device)
     student_rows = vocab_rows(lm)
     if objective.request.support != "full" and cfg.objective.top_k > student_rows:
