@@ -104,3 +104,14 @@ def test_sampler_logprobs_agree_with_the_student_pass(tmp_path, tiny_model_dirs)
     m = rec.batch.response_mask_B_T.bool()
     diff = (rec.batch.old_logprobs_B_T - rec.student.old_logprobs_B_T)[m].abs().max()
     assert float(diff) < 1e-4  # fp32: incremental (KV cache) and teacher-forced passes agree
+
+
+def test_sampled_token_logprobs_by_chunks_equal_one_dense_pass(tmp_path, tiny_model_dirs):
+    """log π(y_t) needs the log-sum-exp over V: computed over chunks of 2 positions (never [N, V] logits,
+    recomputed in the backward pass) it gives the gradient of one pass over all positions."""
+    over = {"objective.kind": "sampled_token", "optim.total_steps": 1}
+    _, g_small, _ = _train(tmp_path, "c2", _cfg(tiny_model_dirs, **over, **{"model.logits_chunk_size": 2}))
+    _, g_whole, _ = _train(tmp_path, "c4096", _cfg(tiny_model_dirs, **over, **{"model.logits_chunk_size": 4096}))
+    assert g_small.keys() == g_whole.keys() and max(float(g.abs().max()) for g in g_whole.values()) > 1e-4
+    for k in g_whole:
+        torch.testing.assert_close(g_small[k], g_whole[k], rtol=1e-4, atol=1e-8)  # float32 summation order
