@@ -324,10 +324,10 @@ def build_components(
     special_ids = resolve_special_ids(tokenizer, cfg.objective.special_tokens)
     with _naming("teacher.path"):
         teacher_tok = load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
-        teacher_dtype = cfg.teacher.dtype
-        if teacher_dtype == "run":
-            teacher_dtype = "bfloat16" if precision.name == "bf16" else "float32"
-        elif teacher_dtype == "bfloat16" and device.type == "cpu" and dist.is_main:
+        from opdkit.train.precision import teacher_dtype as _teacher_dtype
+
+        teacher_dtype = _teacher_dtype(cfg.teacher.dtype, precision)
+        if cfg.teacher.dtype == "bfloat16" and device.type == "cpu" and dist.is_main:
             log("warning: teacher.dtype=bfloat16 on a CPU: correct, but several times slower than float32 (a 1.5B "
                 "Qwen2 forward measured 7x); teacher.dtype=run picks float32 here")
         teacher_model = load_causal_lm(cfg.teacher.path, dtype=teacher_dtype,

@@ -59,3 +59,11 @@ def upcast_trainable(model) -> int:
             p.data = p.data.float()
             n += 1
     return n
+
+
+def teacher_dtype(setting: str, precision: Precision) -> str:
+    """``teacher.dtype`` resolved: ``run`` follows the run's compute precision (bfloat16 for bf16, else
+    float32); the other settings are load dtypes already."""
+    if setting == "run":
+        return "bfloat16" if precision.name == "bf16" else "float32"
+    return setting
