@@ -28,8 +28,9 @@ STAGES = ("time_rollout_s", "time_student_s", "time_teacher_s", "time_update_s",
 
 
 def build_pair(root: Path, vocab: int):
-    from opdkit.tiny import build_tiny_model, save_model_dir, train_tokenizer
     from tests.tiny_models import corpus
+
+    from opdkit.tiny import build_tiny_model, save_model_dir, train_tokenizer
 
     tok = train_tokenizer(corpus(), vocab_size=400)
     student = build_tiny_model(tok, hidden_size=128, num_layers=2, intermediate_size=256, vocab_size=vocab, seed=0)
@@ -69,13 +70,12 @@ def main() -> None:
             student, teacher = build_pair(Path(tmp) / f"v{V}", V)
             for name, over in arms.items():
                 over = {k: v for k, v in over.items() if v is not None}
-                if "objective.kind" in over:
-                    over = {**over}
                 t = run(student, teacher, over, args.steps, Path(tmp) / f"run-{V}-{len(name)}")
                 trl = TRL.get(V)
+                vs = f"{trl} | {trl / t['time_step_s']:.2f}x" if trl else "— | —"
                 print(f"| {V} | {name} | {t['time_rollout_s']:.3f} | {t['time_student_s']:.3f} | "
-                      f"{t['time_teacher_s']:.3f} | {t['time_update_s']:.3f} | {t['time_step_s']:.3f} | "
-                      f"{trl if trl else '—'} | {trl / t['time_step_s']:.2f}x |" if trl else "| — |", flush=True)
+                      f"{t['time_teacher_s']:.3f} | {t['time_update_s']:.3f} | {t['time_step_s']:.3f} | {vs} |",
+                      flush=True)
 
 
 if __name__ == "__main__":
