@@ -42,3 +42,20 @@ def test_configure_threads(monkeypatch):
         assert configure_threads(0) == available_cores()
     finally:
         torch.set_num_threads(before)
+
+
+def test_run_threads_reaches_torch(tmp_path, tiny_model_dirs):
+    from opdkit.config import load_config
+    from opdkit.train import Trainer
+
+    before = torch.get_num_threads()
+    try:
+        cfg = load_config(None, {
+            "model.path": str(tiny_model_dirs["qwen2"]), "teacher.path": str(tiny_model_dirs["llama"]),
+            "objective.top_k": 4, "optim.total_steps": 1, "run.tensorboard": False, "run.threads": 1,
+        })
+        said = []
+        Trainer(cfg, tmp_path / "run", prompts=[[{"role": "user", "content": "hi"}]], progress=False, log=said.append)
+        assert torch.get_num_threads() == 1 and any("1 CPU thread(s) each" in m for m in said)
+    finally:
+        torch.set_num_threads(before)

@@ -39,6 +39,7 @@ import torch
 from opdkit.errors import OpdkitError
 
 __all__ = [
+    "context_length",
     "ModelingError",
     "OutputHead",
     "causal_lm",
@@ -163,6 +164,11 @@ def _config_value(config, name: str):
     if value is None and hasattr(config, "get_text_config"):
         value = getattr(config.get_text_config(), name, None)
     return value
+
+
+def context_length(model) -> int | None:
+    """The model's ``max_position_embeddings`` (its text config's for a multimodal one), or None."""
+    return _config_value(causal_lm(model).config, "max_position_embeddings")
 
 
 def output_head(model) -> OutputHead:

@@ -33,30 +33,18 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from opdkit.data.jsonl import DataError, read_jsonl
 from opdkit.data.prompts import PromptRecord, _messages
 
-__all__ = ["BUILTIN", "Benchmark", "DEFAULT_TEMPLATE", "KNOWN", "load_benchmark", "parse_benchmark_spec"]
+__all__ = ["Benchmark", "DEFAULT_TEMPLATE", "load_benchmark", "load_benchmarks", "parse_benchmark_spec"]
 
 DEFAULT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 PROMPT_COLUMNS = ("prompt", "problem", "question", "Problem", "Question", "input")
 ANSWER_COLUMNS = ("answer", "final_answer", "Answer", "expected_answer", "gold", "target")
 SOLUTION_COLUMNS = ("solution", "Solution")
-
-# The public releases each known name was checked against (see tests/eval/fixtures/SCHEMAS.md).
-KNOWN = {
-    "math500": "HuggingFaceH4/MATH-500: problem, answer (also solution, subject, level, unique_id)",
-    "aime24": "HuggingFaceH4/aime_2024: problem, answer; Maxwell-Jia/AIME_2024: Problem, Answer",
-    "aime25": "math-ai/aime25, yentinglin/aime_2025: problem, answer; opencompass/AIME2025: question, answer",
-    "minerva": "math-ai/minervamath: question, answer; Qwen2.5-Math minerva_math: problem, solution (boxed)",
-    "olympiadbench": "Hothan/OlympiadBench: question, final_answer (a list of answers)",
-    "gsm8k": "openai/gsm8k: question, answer (a worked solution ending with '#### N')",
-}
-BUILTIN = ("demo", "rg:TASK")
-
 
 @dataclass
 class Benchmark:
@@ -69,13 +57,10 @@ class Benchmark:
     problems: list[PromptRecord]
     source: str
     grader: Callable[[str, int], bool] | None = None
-    info: dict = field(default_factory=dict)
 
 
-def _norm_name(name: str) -> str:
-    key = re.sub(r"[^a-z0-9]", "", name.lower())
-    return {"math": "math500", "aime2024": "aime24", "aime2025": "aime25", "minervamath": "minerva",
-            "olympiad": "olympiadbench"}.get(key, key)
+def _is_gsm8k(name: str) -> bool:
+    return re.sub(r"[^a-z0-9]", "", name.lower()) == "gsm8k"
 
 
 RESERVED_NAMES = ("average",)  # a row of the summary table
@@ -322,7 +307,7 @@ def _reasoning_gym_benchmark(name: str, task: str, count: int | None, seed: int,
         except Exception:  # a verifier that chokes on a malformed answer: wrong, not a crash
             return False
 
-    return Benchmark(name, records, f"reasoning-gym {task} (seed {seed})", grader, {"task": task})
+    return Benchmark(name, records, f"reasoning-gym {task} (seed {seed})", grader)
 
 
 def load_benchmark(
@@ -364,9 +349,9 @@ def load_benchmark(
             rows = rows[:max_problems]
         if not rows:
             raise DataError(f"benchmark {name}: '{source}' holds no problems")
-        gsm8k = _norm_name(name) == "gsm8k" and not fields.get("answer")
+        gsm8k = _is_gsm8k(name) and not fields.get("answer")
         bench = Benchmark(name, [_problem(rec, where, fields, template, system, gsm8k) for where, rec in rows],
-                          source, info={"schema": KNOWN.get(_norm_name(name))})
+                          source)
     if system and (source == "demo" or source.startswith("rg:")):
         bench.problems = [PromptRecord(({"role": "system", "content": system},) + p.messages, p.answer, p.task,
                                        p.source) for p in bench.problems]

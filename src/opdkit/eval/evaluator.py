@@ -201,6 +201,7 @@ class SamplingEvaluator:
             pool = own_pool = GradingPool(s.grading_processes, timeout_s=s.grading_timeout_s)
         timings = {} if timings is None else timings
         was_training = model.training
+        rendered: dict[tuple[int, int], str] = {}  # the last problem's rendered prompt (items come in order)
         model.eval()
         try:
             for start in range(0, len(items), s.batch_size):
@@ -222,7 +223,9 @@ class SamplingEvaluator:
                 out = []
                 for (b, p, j), (text, ntok, trunc), (answer, correct, status) in zip(chunk, rows, grades, strict=True):
                     rec = self.benchmarks[b].problems[p]
-                    prompt = render_chat_text(tokenizer, rec.messages)
+                    if (b, p) not in rendered:  # once per problem, not per sample
+                        rendered = {(b, p): render_chat_text(tokenizer, rec.messages)}
+                    prompt = rendered[(b, p)]
                     out.append(Sample(self.benchmarks[b].name, p, j, prompt, text, answer, str(rec.answer),
                                       bool(correct), status, ntok, trunc))
                 yield out
@@ -263,15 +266,15 @@ class SamplingEvaluator:
         mine = mine[self.rank :: self.world]
         n = self.settings.n_samples
         items = [(b, p, j) for b, p in mine for j in range(n)]
-        per = [[0.0, 0.0, 0.0, 0.0] for _ in self.benchmarks]  # correct, tokens, truncated, no answer
+        per = {b.name: [0.0, 0.0, 0.0, 0.0] for b in self.benchmarks}  # correct, tokens, truncated, no answer
         for samples in self.run(model, tokenizer, items):
             for smp in samples:
-                acc = per[[b.name for b in self.benchmarks].index(smp.benchmark)]
+                acc = per[smp.benchmark]
                 acc[0] += smp.correct
                 acc[1] += smp.tokens
                 acc[2] += smp.truncated
                 acc[3] += smp.answer is None
-        flat = self.reduce_sum([v for acc in per for v in acc])
+        flat = self.reduce_sum([v for b in self.benchmarks for v in per[b.name]])
         totals = [flat[4 * i : 4 * i + 4] for i in range(len(self.benchmarks))]
         counts = [len(b.problems) * n for b in self.benchmarks]
         per_bench = [[v / c for v in t] for t, c in zip(totals, counts, strict=True)]

@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from opdkit.errors import OpdkitError
 from opdkit.eval.answers import check_fallbacks, extract_answer
 
 __all__ = ["CORRECT", "ERROR", "Grade", "GradingPool", "NO_ANSWER", "TIMEOUT", "WRONG", "grade", "grade_answer",
@@ -220,7 +221,7 @@ class GradingPool:
                     line = w.proc.stdout.readline()
                     if not line:  # died
                         if not w.ready:
-                            raise RuntimeError(f"a grading worker failed to start ({w.failure()}); is "
+                            raise OpdkitError(f"a grading worker failed to start ({w.failure()}); is "
                                                "math-verify installed? pip install math-verify")
                         if w.task is not None:
                             results[w.task] = Grade.of(ERROR)

@@ -49,6 +49,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _ends_with_newline(path: Path) -> bool:
+    """An empty file, or one whose last byte is a newline (a kill can leave half a line)."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def read_samples(out_dir: str | Path) -> list[dict]:
     """The samples of an evaluation directory; a last line cut short by a kill is dropped from the file."""
     from opdkit.data.jsonl import read_jsonl
@@ -59,7 +68,7 @@ def read_samples(out_dir: str | Path) -> list[dict]:
     rows = [row for _, row in read_jsonl(path, what="samples file", skip_bad_lines=True)]
     keys = ("benchmark", "problem", "sample", "correct")
     good = [r for r in rows if all(k in r for k in keys)]
-    if len(good) != len(rows) or not path.read_bytes().endswith(b"\n") and path.stat().st_size:
+    if len(good) != len(rows) or not _ends_with_newline(path):
         _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in good))
     return good
 
@@ -101,24 +110,18 @@ def _check_model_dir(path: Path) -> None:
         raise OpdkitError(f"--model '{path}': is a training run directory; {hint}")
 
 
-def _check_prompts(benchmarks, tokenizer, model_path, max_new_tokens: int, log) -> None:
-    """Every prompt renders, and fits the model's context (an error names the benchmark and problem); a
-    warning counts the prompts whose response budget runs past the context."""
+def _check_prompts(benchmarks, tokenizer, context: int | None, max_new_tokens: int, log) -> None:
+    """Every prompt renders, and fits the model's ``context`` (an error names the benchmark and problem); a
+    warning counts the prompts whose response budget runs past it."""
     from opdkit.data.chat import render_chat
     from opdkit.data.jsonl import DataError
     from opdkit.errors import InputError
 
-    context = None
-    try:
-        cfg = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
-        context = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
-    except (OSError, ValueError):
-        pass
     over = 0
     for b in benchmarks:
         for p in b.problems:
             chars = sum(len(m["content"]) for m in p.messages)
-            try:
+            try:  # no tokenizer packs more than 64 characters into a token: a far longer text is not tokenized
                 n = len(render_chat(tokenizer, p.messages)) if context is None or chars < 64 * context else None
             except InputError as exc:
                 raise DataError(f"benchmark {b.name}, {p.source}: {exc}") from None
@@ -234,6 +237,7 @@ def run_eval(
     from opdkit.eval.evaluator import SamplingEvaluator
     from opdkit.eval.grading import GradingPool
     from opdkit.hf import load_causal_lm, load_tokenizer, model_dir_digest
+    from opdkit.modeling import context_length
     from opdkit.train.precision import resolve_precision
 
     if log is None:
@@ -260,7 +264,6 @@ def run_eval(
     _check_model_dir(Path(model_path))
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     apply_chat_template_setting(tokenizer, chat_template, key="--chat-template", where=f"--model '{model_path}'")
-    _check_prompts(benchmarks, tokenizer, model_path, settings.max_new_tokens, log)
     manifest = {
         "model": str(Path(model_path).resolve()),
         "model_sha256": model_dir_digest(model_path),
@@ -284,6 +287,7 @@ def run_eval(
         manifest["settings"]["n_samples"] = max(settings.n_samples, old.get("settings", {}).get("n_samples", 0))
     model = load_causal_lm(model_path, dtype="bfloat16" if prec.name == "bf16" and dev.type == "cuda" else "float32",
                            trust_remote_code=trust_remote_code, device=dev)
+    _check_prompts(benchmarks, tokenizer, context_length(model), settings.max_new_tokens, log)
 
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)

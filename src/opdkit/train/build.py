@@ -265,7 +265,7 @@ def build_components(
     from opdkit.data.chat import apply_chat_template_setting
     from opdkit.data.prompts import check_prompt_lengths
     from opdkit.hf import load_causal_lm, load_tokenizer, model_dir_digest
-    from opdkit.modeling import causal_lm, output_head, verify_output_head, vocab_rows
+    from opdkit.modeling import context_length, output_head, verify_output_head, vocab_rows
     from opdkit.objectives import build_objective
     from opdkit.rollout import build_sampler
     from opdkit.special_tokens import resolve_special_ids
@@ -336,9 +336,7 @@ def build_components(
     if objective.request.support != "full" and cfg.objective.top_k > student_rows:
         raise OpdkitError(f"objective.top_k: {cfg.objective.top_k} is more than the student's vocabulary "
                           f"({student_rows} output rows)")
-    text_config = causal_lm(lm).config
-    text_config = text_config.get_text_config() if hasattr(text_config, "get_text_config") else text_config
-    max_pos = getattr(text_config, "max_position_embeddings", None)
+    max_pos = context_length(lm)
     if max_pos is not None and dist.is_main and cfg.rollout.max_new_tokens + cfg.data.max_prompt_tokens > max_pos:
         log(f"warning: rollout.max_new_tokens + data.max_prompt_tokens = "
             f"{cfg.rollout.max_new_tokens + cfg.data.max_prompt_tokens} exceeds the student's "
