@@ -56,3 +56,20 @@ def test_the_processor_masks_like_the_warper():
     assert torch.equal(ours, theirs)
     with pytest.raises(ValueError):
         FastTopPLogitsWarper(0.0)
+
+
+@pytest.mark.parametrize("match_rounding", [True, False])
+def test_mixed_batch_of_wide_and_narrow_rows(match_rounding):
+    """Rows taking different paths (partial selection, buckets, the warper's sort) stay in their places."""
+    g = torch.Generator().manual_seed(5)
+    V = 151936
+    rows = [_logits("gaussian", 1, V, g) / 20, _logits("zipf", 1, V, g), _logits("ties", 1, V, g),
+            _logits("gaussian", 1, V, g) / 20, _logits("onehot", 1, V, g), _logits("zipf", 1, V, g) / 3]
+    scores = torch.cat(rows)
+    for order in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 4, 2]):
+        x = scores[order]
+        ours = top_p_keep(x, 0.9, match_rounding=match_rounding)
+        alone = torch.cat([top_p_keep(x[i:i + 1], 0.9, match_rounding=match_rounding) for i in range(len(order))])
+        assert torch.equal(ours, alone)
+        if match_rounding:
+            assert torch.equal(ours, _warper_keep(x, 0.9))

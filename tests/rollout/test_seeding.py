@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from opdkit.rollout.seeding import _GOLDEN, _MASK64, _mix_py, gumbel_noise, trajectory_seed, uniforms
+from opdkit.rollout.seeding import _GOLDEN, _MASK64, _mix_py, step_uniforms, trajectory_seed, uniforms
 
 
 def _reference_uniform(seed: int, index: int) -> float:
@@ -32,8 +32,7 @@ def test_rows_do_not_depend_on_the_batch():
     assert not torch.equal(uniforms(seeds, step=5, V=50), full)
 
 
-def test_uniform_and_gumbel_moments():
-    u = uniforms(torch.arange(64), step=0, V=4096).flatten()
+def _moments_ok(u: torch.Tensor) -> None:
     assert 0 < u.min() and u.max() < 1
     n = u.numel()
     assert abs(u.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / n)
@@ -42,9 +41,25 @@ def test_uniform_and_gumbel_moments():
     counts = torch.bincount((u * 16).long(), minlength=16).double()
     chi2 = float(((counts - n / 16) ** 2 / (n / 16)).sum())
     assert chi2 < 37.7
-    g = gumbel_noise(torch.arange(64), 0, 4096, dtype=torch.float64).flatten()
-    assert abs(g.mean().item() - 0.5772156649) < 0.01  # Euler-Mascheroni
-    assert abs(g.var().item() - math.pi**2 / 6) < 0.03
+
+
+def test_uniform_moments():
+    _moments_ok(uniforms(torch.arange(64), step=0, V=4096).flatten())
+    # the sampler's stream: one draw per (seed, step), over many seeds and steps
+    seeds = torch.tensor([trajectory_seed(3, i) for i in range(512)])
+    _moments_ok(torch.cat([step_uniforms(seeds, t) for t in range(512)]))
+
+
+def test_step_uniforms_bits_and_batching():
+    seeds = torch.tensor([0, 1, 12345, trajectory_seed(7, 3, 9, 2), 2**63 - 1])
+    u = step_uniforms(seeds, 6)
+    for b, s in enumerate(seeds.tolist()):
+        key = _mix_py((_mix_py(s & _MASK64) + _GOLDEN) & _MASK64)
+        bits = _mix_py((key + 7 * _GOLDEN) & _MASK64)
+        assert u[b].item() == ((bits >> 11) + 0.5) * 2.0**-53
+    assert torch.equal(step_uniforms(seeds[2:4], 6), u[2:4])
+    assert not torch.equal(step_uniforms(seeds, 7), u)
+    assert not torch.isin(u, uniforms(seeds, 6, 64)).any()  # a different stream from uniforms'
 
 
 def test_trajectory_seed_distinguishes_its_parts():

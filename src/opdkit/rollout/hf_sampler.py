@@ -2,25 +2,21 @@
 
 How the log-probs are obtained (and why not ``output_scores`` / ``output_logits``): ``generate`` is called
 with a *clean* generation config (no temperature / top-k / top-p of its own, and the model's
-``generation_config.json`` sampling defaults — repetition penalty, top-k 20, ... — switched off) and an
-explicit logits-processor chain built from transformers' own classes::
-
-    raw logits -> [record log_softmax(raw / τ)] -> block pad -> Temperature -> TopK -> TopP -> [record log_softmax]
-
-(TopP is :class:`opdkit.rollout.nucleus.FastTopPLogitsWarper`: transformers' ``TopPLogitsWarper``'s kept
-tokens, found without sorting the vocabulary.)
-
-``generate`` samples from the softmax of what the chain returns, so the second record is exactly the
-truncated distribution that was sampled, and the first is the untruncated tempered student. Each record
-keeps only the previous step's ``B x V`` row and gathers the sampled token from it at the next step (the
-new token is then the last column of ``input_ids``), so the extra memory is ``O(B·V)`` instead of the
-``O(B·T·V)`` of ``output_scores=True, output_logits=True`` (which for a 150k vocabulary and long responses
-does not fit), and there is no second forward pass. The raw logits are those ``generate`` itself computes
-(float32, KV cache, left-padding-aware positions), i.e. what the student actually sampled from.
+``generation_config.json`` sampling defaults — repetition penalty, top-k 20, ... — switched off), greedy, and
+one logits processor of ours that makes the draw itself (:func:`opdkit.rollout.draw.draw_step`): from the
+raw logits ``generate`` computes (float32, KV cache, left-padding-aware positions) it takes the tempered
+student's log-normaliser, entropy and log-prob of the drawn token (π_old), blocks the pad token, applies
+transformers' top-k and top-p token sets (top-p found without sorting the vocabulary,
+:mod:`opdkit.rollout.nucleus`), draws with seeded Gumbel noise among the kept tokens, records the drawn
+token's log-prob under that truncated distribution, and returns scores whose argmax is the drawn token.
+Nothing of size ``B x V`` outlives a step, there is no second forward pass, and the per-token cost is a few
+passes over the row instead of a processor chain's dozens (``output_scores=True, output_logits=True`` would
+also keep ``O(B·T·V)``, which for a 150k vocabulary and long responses does not fit). After ``generate`` the
+drawn tokens are checked against the ones it emitted.
 
 Seeds: every response has its own seed, and its random numbers are a function of (seed, step, token id)
-only (``opdkit.rollout.seeding``): the draw is the Gumbel-max trick applied by the last processor of the
-chain, and ``generate`` runs greedy on the perturbed scores. A response is therefore the same whether it is
+only (``opdkit.rollout.seeding``): the draw is the Gumbel-max trick (the noise evaluated only at the kept
+tokens, with the values it has over the whole vocabulary). A response is therefore the same whether it is
 sampled alone or in any batch, on any process (up to floating-point differences of the batched forward
 pass). ``sample(..., seeds=[...])`` gives the seed of every row; ``seed=s`` derives row ``i``'s seed from
 ``(s, i)``; ``seed=None`` uses ``settings.seed + k`` for the k-th call of this sampler. The global RNG is
@@ -45,7 +41,7 @@ import torch
 from opdkit.config import RolloutConfig
 from opdkit.data.chat import left_pad, render_chat
 from opdkit.errors import InputError
-from opdkit.rollout.seeding import gumbel_noise, trajectory_seed
+from opdkit.rollout.seeding import trajectory_seed
 from opdkit.types import FINISH_LENGTH, FINISH_STOP, RolloutBatch
 
 __all__ = ["HFSampler", "validate_rollout_settings"]
@@ -91,42 +87,32 @@ def _processors():
     """The logits-processor classes used below (imported lazily: transformers is heavy)."""
     from transformers import LogitsProcessor, StoppingCriteria
 
-    class _LogProbRecorder(LogitsProcessor):
-        """Records ``log_softmax(scores * scale)`` of the token sampled from this step's scores.
+    class _DrawProcessor(LogitsProcessor):
+        """Draws each step's token itself (:func:`opdkit.rollout.draw.draw_step`), records what the trainer
+        keeps, and hands ``generate`` scores whose argmax is that token (0 there, -inf elsewhere)."""
 
-        Called once per generation step; at step t the sampled token of step t-1 is ``input_ids[:, -1]``.
-        The scores pass through unchanged.
-        """
-
-        def __init__(self, prompt_len: int, scale: float = 1.0, stats: bool = False):
+        def __init__(self, prompt_len: int, seeds_B: torch.Tensor, *, temperature: float, top_k: int,
+                     top_p: float, block_id: int | None, stats: bool):
             self.prompt_len = prompt_len
-            self.scale = scale
-            self.stats = stats  # also the entropy and log-normaliser of each step's distribution
-            self.pending: torch.Tensor | None = None
-            self.values: list[torch.Tensor] = []
-            self.entropy: list[torch.Tensor] = []
-            self.lse: list[torch.Tensor] = []
-
-        def resolve(self, last_ids: torch.Tensor) -> None:
-            if self.pending is not None:
-                self.values.append(self.pending.gather(-1, last_ids[:, None].to(self.pending.device))[:, 0])
-                self.pending = None
+            self.seeds_B = seeds_B
+            self.kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, block_id=block_id, stats=stats)
+            self.draws: list = []
+            self._out: torch.Tensor | None = None
 
         def __call__(self, input_ids, scores):
-            if input_ids.shape[1] > self.prompt_len:
-                self.resolve(input_ids[:, -1])
-            x = scores.float()
-            if self.scale != 1.0:
-                x = x * self.scale
-            if self.stats:  # as the student pass computes them (opdkit.student.student_pass)
-                lse = torch.logsumexp(x, dim=-1)
-                lp = x - lse.unsqueeze(-1)
-                self.lse.append(lse)
-                self.entropy.append(-(lp.exp() * lp).nan_to_num().sum(-1))
-                self.pending = lp
-            else:
-                self.pending = torch.log_softmax(x, dim=-1)
-            return scores
+            from opdkit.rollout.draw import draw_step
+
+            step = input_ids.shape[1] - self.prompt_len
+            d = draw_step(scores, seeds_B=self.seeds_B.to(scores.device), step=step, **self.kw)
+            self.draws.append(d)
+            # generate only takes the argmax of what we return; one buffer, its previous 0s reset to -inf
+            out = self._out
+            if out is None or out.shape != scores.shape or out.device != scores.device:
+                out = self._out = torch.full(scores.shape, float("-inf"), dtype=scores.dtype, device=scores.device)
+            elif len(self.draws) > 1:
+                out.scatter_(1, self.draws[-2].token_B[:, None], float("-inf"))
+            out.scatter_(1, d.token_B[:, None], 0.0)
+            return out
 
     class _StopStringRecorder(StoppingCriteria):
         """transformers' ``StopStringCriteria``, remembering at which response step each sequence first matched."""
@@ -143,19 +129,7 @@ def _processors():
             self.first_step = torch.where(new, torch.full_like(self.first_step, step), self.first_step)
             return hit
 
-    class _GumbelSampler(LogitsProcessor):
-        """Adds each row's own Gumbel noise: greedy decoding of the result is a draw from softmax(scores)."""
-
-        def __init__(self, prompt_len: int, seeds_B: torch.Tensor):
-            self.prompt_len = prompt_len
-            self.seeds_B = seeds_B
-
-        def __call__(self, input_ids, scores):
-            step = input_ids.shape[1] - self.prompt_len
-            noise = gumbel_noise(self.seeds_B.to(scores.device), step, scores.shape[-1], dtype=scores.dtype)
-            return scores + noise
-
-    return _LogProbRecorder, _StopStringRecorder, _GumbelSampler
+    return _DrawProcessor, _StopStringRecorder
 
 
 class HFSampler:
@@ -284,31 +258,14 @@ class HFSampler:
 
     # ----------------------------------------------------------------------------------------- sampling
     def _logits_processors(self, prompt_len: int, seeds_B: torch.Tensor):
-        from transformers import (
-            LogitsProcessorList,
-            SuppressTokensLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-        )
+        from transformers import LogitsProcessorList
 
-        from opdkit.rollout.nucleus import FastTopPLogitsWarper
-
-        recorder_cls, _, gumbel_cls = _processors()
+        draw_cls, _ = _processors()
         s = self.settings
-        raw = recorder_cls(prompt_len, scale=1.0 / float(s.temperature), stats=self.record_stats)
-        processed = recorder_cls(prompt_len)
-        chain: list = [raw]
-        if self.pad_id not in self.eos_ids:
-            chain.append(SuppressTokensLogitsProcessor([self.pad_id], device=self.device))
-        if s.temperature != 1.0:
-            chain.append(TemperatureLogitsWarper(float(s.temperature)))
-        if s.top_k > 0:
-            chain.append(TopKLogitsWarper(top_k=int(s.top_k)))
-        if s.top_p < 1.0:
-            chain.append(FastTopPLogitsWarper(top_p=float(s.top_p)))  # the warper's tokens, without its sort
-        chain.append(processed)
-        chain.append(gumbel_cls(prompt_len, seeds_B))
-        return LogitsProcessorList(chain), raw, processed
+        draw = draw_cls(prompt_len, seeds_B, temperature=float(s.temperature), top_k=int(s.top_k),
+                        top_p=float(s.top_p), block_id=None if self.pad_id in self.eos_ids else self.pad_id,
+                        stats=self.record_stats)
+        return LogitsProcessorList([draw]), draw
 
     def _generation_config(self, max_new_tokens: int):
         from transformers import GenerationConfig
@@ -358,7 +315,7 @@ class HFSampler:
             return StoppingCriteriaList(), None
         if self._stop_string_criteria is None:  # preprocesses the whole vocabulary: build once
             self._stop_string_criteria = StopStringCriteria(self.tokenizer, list(self.settings.stop))
-        _, stop_recorder_cls, _ = _processors()
+        _, stop_recorder_cls = _processors()
         rec = stop_recorder_cls(self._stop_string_criteria, prompt_len, batch_size, self.device)
         return StoppingCriteriaList([rec]), rec
 
@@ -421,7 +378,7 @@ class HFSampler:
         P = prompt_ids.shape[1]
         seeds_B = torch.tensor(row_seeds, dtype=torch.long, device=device)
 
-        processors, raw_rec, proc_rec = self._logits_processors(P, seeds_B)
+        processors, draw = self._logits_processors(P, seeds_B)
         criteria, stop_rec = self._stop_criteria(P, B)
         gen_config = self._generation_config(int(s.max_new_tokens))
         saved_config = self.model.generation_config
@@ -441,13 +398,13 @@ class HFSampler:
         T = int(response.shape[1])
         if T == 0:  # cannot happen with max_new_tokens >= 1, but keep shapes sane
             raise RuntimeError("generate returned no new tokens")
-        for rec in (raw_rec, proc_rec):
-            if len(rec.values) < T:
-                rec.resolve(response[:, len(rec.values)])
-        old_lp = torch.stack(raw_rec.values[:T], dim=1)
-        samp_lp = torch.stack(proc_rec.values[:T], dim=1)
-        ent = torch.stack(raw_rec.entropy[:T], dim=1) if self.record_stats else None
-        lse = torch.stack(raw_rec.lse[:T], dim=1) if self.record_stats else None
+        if len(draw.draws) != T:
+            raise RuntimeError(f"generate made {T} steps but the sampler drew {len(draw.draws)} tokens")
+        drawn = torch.stack([d.token_B for d in draw.draws], dim=1).to(response.device)
+        old_lp = torch.stack([d.old_logprob_B for d in draw.draws], dim=1)
+        samp_lp = torch.stack([d.sampling_logprob_B for d in draw.draws], dim=1)
+        ent = torch.stack([d.entropy_B for d in draw.draws], dim=1) if self.record_stats else None
+        lse = torch.stack([d.logsumexp_B for d in draw.draws], dim=1) if self.record_stats else None
 
         # end of each response: the first stop id, or the step where a stop string matched
         steps = torch.arange(T, device=response.device)
@@ -457,6 +414,10 @@ class HFSampler:
             ss = stop_rec.first_step.to(response.device)
             first = torch.where((ss >= 0) & (ss < first), ss, first)
         stopped = first < T
+        live = steps[None, :] <= first[:, None]  # generate writes pad after a row's stop id
+        if not bool(((drawn == response) | ~live).all()):  # e.g. a processor generate added after ours
+            raise RuntimeError("generate did not emit the tokens the sampler drew; is a logits processor or "
+                               "generation-config default of this transformers version altering the scores?")
         length = torch.where(stopped, first + 1, torch.full_like(first, T))
         T_out = int(length.max())
         mask = (steps[None, :T_out] < length[:, None]).long()

@@ -2,18 +2,19 @@
 
 A trajectory's sampling seed is a function of what identifies it (run seed, step, prompt position, sample
 index: :func:`trajectory_seed`), and its random numbers at generation step ``t`` are a pure function of
-(seed, t, token id) (:func:`uniforms`): a counter-based generator (SplitMix64, which passes BigCrush)
-evaluated for a whole ``[B, V]`` batch in one vectorised pass. The same trajectory therefore samples the
-same tokens whether it is generated alone, in a batch of 128, or on another process — which is what
-makes a 2-process run equal a 1-process one. Sampling uses the Gumbel-max trick:
-``argmax(log p + G)`` with ``G = −log(−log U)`` is an exact draw from ``p``.
+(seed, t) (:func:`step_uniforms`): a counter-based generator (SplitMix64, which passes BigCrush) evaluated
+for a whole batch in one vectorised pass. The sampler draws by inversion — the first token, in id order,
+at which the cumulative kept probability exceeds ``u`` times the kept total (:mod:`opdkit.rollout.draw`) —
+so the same trajectory samples the same tokens whether it is generated alone, in a batch of 128, or on
+another process, which is what makes a 2-process run equal a 1-process one. :func:`uniforms` gives
+``[B, V]`` draws keyed by (seed, step, token id) for other uses.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["gumbel_noise", "trajectory_seed", "uniforms"]
+__all__ = ["step_uniforms", "trajectory_seed", "uniforms"]
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -62,6 +63,10 @@ def uniforms(seeds_B: torch.Tensor, step: int, V: int) -> torch.Tensor:
     return (_srl(bits, 11).double() + 0.5) * (2.0**-53)
 
 
-def gumbel_noise(seeds_B: torch.Tensor, step: int, V: int, dtype=torch.float32) -> torch.Tensor:
-    """``[B, V]`` standard Gumbel noise ``−log(−log U)`` for generation step ``step`` of each trajectory."""
-    return (-torch.log(-torch.log(uniforms(seeds_B, step, V)))).to(dtype)
+def step_uniforms(seeds_B: torch.Tensor, step: int) -> torch.Tensor:
+    """``[B]`` float64 uniforms in (0, 1), one per trajectory and generation step: draw ``step`` of a stream
+    keyed by ``seeds_B[b]`` mixed twice (so it never meets :func:`uniforms`' streams). The sampler's draw."""
+    key_B = _mix(_mix(seeds_B.long()) + _i64(_GOLDEN))
+    counter_B = torch.full_like(key_B, int(step) + 1)
+    bits = _mix(key_B + counter_B * _i64(_GOLDEN))
+    return (_srl(bits, 11).double() + 0.5) * (2.0**-53)
