@@ -271,3 +271,21 @@ def test_full_reverse_kl_vocabulary_mismatch_is_explained():
     s = torch.randn(2, 3, 8)
     with pytest.raises(InputError, match="vocabulary"):
         full_reverse_kl(s, torch.randn(2, 3, 9), torch.ones(2, 3))
+
+
+def test_full_reverse_kl_infinite_logits_keep_their_meaning():
+    """The closed-form path falls back to the guarded formula: a student -inf logit is a zero-probability
+    token (finite KL and gradient); a teacher zero under student mass is an infinite KL."""
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(3, 50, generator=g, dtype=torch.float64)
+    t = torch.randn(3, 50, generator=g, dtype=torch.float64)
+    s[0, :10] = float("-inf")
+    x = s.clone().requires_grad_(True)
+    kl = full_reverse_kl(x, t, torch.ones(3, dtype=torch.bool), check_inputs=False)
+    lp, lq = torch.log_softmax(s[0, 10:], -1), torch.log_softmax(t[0], -1)[10:]  # q over all 50 ids
+    assert torch.allclose(kl[0], (lp.exp() * (lp - lq)).sum())
+    kl.sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[0, :10] == 0).all()
+    t2 = t.clone()
+    t2[1, 3] = float("-inf")
+    assert torch.isinf(full_reverse_kl(s, t2, torch.ones(3, dtype=torch.bool), check_inputs=False)[1])
