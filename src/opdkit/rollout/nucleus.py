@@ -10,8 +10,7 @@ module evaluates that rule in float64 from the row's log-sum-exp over V, two way
   ``p``; their cumulative sum settles the boundary;
 - **wide nuclei** (thousands of tokens, e.g. a random-weight model or a high temperature): the logits are
   cut into 4,096 value ranges by a monotone map, one weighted histogram pass gives the mass above every
-  range, and only the tokens of the range(s) at the boundary are sorted (:func:`_bucket_keep`); with at
-  most 16,384 tokens one sort of the row is cheaper, and the rule is applied to it (:func:`_sorted_keep`).
+  range, and only the tokens of the range(s) at the boundary are sorted (:func:`_bucket_keep`).
 
 Two things can make the float64 answer differ from the warper's float32 one:
 
@@ -38,8 +37,7 @@ __all__ = ["FastTopPLogitsWarper", "Nucleus", "candidates_from_mask", "nucleus",
 # A boundary mass this close to p goes to the warper's own arithmetic. Its float32 cumulative sums differed from
 # float64 ones by at most 5.4e-7 at V = 151,936 (zipf, Gaussian logits, τ 0.5-2, measured): 1e-5 is ~20x that.
 _MARGIN = 1e-5
-_BUCKETS = 4096
-_SORT_MAX_V = 16384  # at most this many tokens, a wide nucleus is found by one sort (cheaper than the buckets' loop)
+_BUCKETS = 4096  # at most
 _SPAN = 30.0  # logits more than this below the max share the lowest bucket (each carries < e^-30 of the max's mass)
 
 
@@ -68,28 +66,6 @@ def candidates_from_mask(keep_B_V: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return ids, valid
 
 
-def _sorted_keep(scores_R_V: torch.Tensor, e_R_V: torch.Tensor, s_R: torch.Tensor, top_p: float, *,
-                 match_rounding: bool) -> torch.Tensor:
-    """Keep mask ``[R, V]`` by a full sort and the float64 rule: for small vocabularies, where one sort of V
-    costs less than the bucketed selection's per-row work. Ties and (with ``match_rounding``) a boundary
-    within ``_MARGIN`` of ``p`` go to the warper, as elsewhere."""
-    R, V = scores_R_V.shape
-    vals_R_V, order_R_V = torch.sort(scores_R_V, dim=-1, descending=True)
-    mass_R_V = e_R_V.gather(1, order_R_V).double() / s_R.double()[:, None]
-    above_R_V = torch.cumsum(mass_R_V, -1) - mass_R_V
-    keep_sorted = above_R_V < top_p
-    n_R = keep_sorted.sum(-1)
-    r = torch.arange(R, device=scores_R_V.device)
-    last, nxt = (n_R - 1).clamp(min=0), n_R.clamp(max=V - 1)
-    bad = (n_R < V) & (vals_R_V[r, last] == vals_R_V[r, nxt])
-    if match_rounding:
-        bad |= (top_p - above_R_V[r, last] < _MARGIN) | ((n_R < V) & (above_R_V[r, nxt] - top_p < _MARGIN))
-    keep = torch.zeros_like(keep_sorted).scatter_(1, order_R_V, keep_sorted)
-    if bool(bad.any()):
-        keep[bad] = _warper_keep(scores_R_V[bad], top_p)
-    return keep
-
-
 def _bucket_keep(scores_R_V: torch.Tensor, e_R_V: torch.Tensor, s_R: torch.Tensor, top_p: float, *,
                  match_rounding: bool) -> torch.Tensor:
     """Keep mask ``[R, V]`` of the nucleus for rows whose nucleus is wide, without sorting V (module docstring).
@@ -105,46 +81,55 @@ def _bucket_keep(scores_R_V: torch.Tensor, e_R_V: torch.Tensor, s_R: torch.Tenso
     margin = _MARGIN if match_rounding else 0.0
     m_R = scores_R_V.amax(-1)
     lo_R = torch.maximum(scores_R_V.clamp(min=-3e38).amin(-1), m_R - _SPAN)
-    scale_R = _BUCKETS / (m_R - lo_R).clamp(min=1e-30)
-    offset_R = torch.arange(R, device=device, dtype=torch.float32) * _BUCKETS
+    NB = max(64, min(_BUCKETS, V // 16))  # ~16+ tokens per bucket on average: no more buckets than useful
+    scale_R = NB / (m_R - lo_R).clamp(min=1e-30)
+    offset_R = torch.arange(R, device=device, dtype=torch.float32) * NB
     # bucket + row offset, as exact small integers in float32 (R * 4096 < 2**24)
-    b_R_V = (scores_R_V - lo_R[:, None]).mul_(scale_R[:, None]).clamp_(0, _BUCKETS - 1).floor_().add_(offset_R[:, None])
+    b_R_V = (scores_R_V - lo_R[:, None]).mul_(scale_R[:, None]).clamp_(0, NB - 1).floor_().add_(offset_R[:, None])
     # bucket masses: accumulated in float64 where the warper's answer must be matched to within _MARGIN; else
     # float32 (the sampler's exact-rule nucleus: an error of ~1e-7 of a bucket's mass moves no real boundary)
     acc = torch.float64 if match_rounding else torch.float32
-    hist_R_N = torch.zeros(R * _BUCKETS, dtype=acc, device=device).index_add_(
-        0, b_R_V.view(-1).to(torch.int32), e_R_V.reshape(-1).to(acc)).view(R, _BUCKETS).double()
+    hist_R_N = torch.zeros(R * NB, dtype=acc, device=device).index_add_(
+        0, b_R_V.view(-1).to(torch.int32), e_R_V.reshape(-1).to(acc)).view(R, NB).double()
     hist_R_N /= s_R.double()[:, None]
     at_or_above_R_N = hist_R_N.flip(-1).cumsum(-1).flip(-1)  # mass of this bucket and every higher one
     above_R_N = at_or_above_R_N - hist_R_N
     region_R_N = (at_or_above_R_N >= top_p - margin) & (above_R_N < top_p + margin)
     has_region = region_R_N.any(-1) & torch.isfinite(m_R)
-    n = torch.arange(_BUCKETS, device=device)
-    j_lo_R = torch.where(region_R_N, n, _BUCKETS).amin(-1)
+    n = torch.arange(NB, device=device)
+    j_lo_R = torch.where(region_R_N, n, NB).amin(-1)
     j_hi_R = torch.where(region_R_N, n, -1).amax(-1)
     keep = b_R_V > (j_hi_R + offset_R)[:, None]
-    fallback: list[int] = []
-    for r in range(R):
-        if not bool(has_region[r]):
-            fallback.append(r)
-            continue
-        j_lo, j_hi = int(j_lo_R[r]), int(j_hi_R[r])
-        row_b = b_R_V[r]
-        in_region = ((row_b >= j_lo + r * _BUCKETS) & (row_b <= j_hi + r * _BUCKETS)).nonzero()[:, 0]
-        vals, order = torch.sort(scores_R_V[r, in_region], descending=True)
-        ids = in_region[order]
-        mass = e_R_V[r, ids].double() / float(s_R[r])
-        above = float(above_R_N[r, j_hi]) + torch.cumsum(mass, 0) - mass  # mass ranked strictly above each
-        n_keep = int((above < top_p).sum())
-        near = match_rounding and bool(((above - top_p).abs() < _MARGIN).any())
-        tie = 0 < n_keep < ids.numel() and bool(vals[n_keep - 1] == vals[n_keep])
-        if near or tie or (n_keep == 0 and not bool(keep[r].any())):
-            fallback.append(r)
-            continue
-        keep[r, ids[:n_keep]] = True
-    if fallback:
-        rows = torch.tensor(fallback, device=device)
-        keep[rows] = _warper_keep(scores_R_V[rows], top_p)
+    # the tokens of every row's boundary region, sorted by row, then by logit descending (two stable sorts)
+    lo_b, hi_b = (j_lo_R + offset_R)[:, None], (j_hi_R + offset_R)[:, None]
+    rows, cols = ((b_R_V >= lo_b) & (b_R_V <= hi_b) & has_region[:, None]).nonzero(as_tuple=True)
+    vals = scores_R_V[rows, cols]
+    order = torch.sort(vals, descending=True, stable=True).indices
+    order = order[torch.sort(rows[order], stable=True).indices]
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    mass = e_R_V[rows, cols].double() / s_R.double()[rows]
+    counts_R = torch.bincount(rows, minlength=R)
+    starts_R = torch.cumsum(counts_R, 0) - counts_R
+    before = torch.cumsum(mass, 0) - mass  # across all rows' segments; each row's start subtracted below
+    base_R = torch.zeros(R, dtype=torch.float64, device=device)
+    nonempty = counts_R > 0
+    base_R[nonempty] = before[starts_R[nonempty]]
+    above = above_R_N[rows, j_hi_R[rows]] + before - base_R[rows]  # mass ranked strictly above each token
+    kept = above < top_p
+    keep[rows[kept], cols[kept]] = True
+    # per row: the last kept and the first dropped token of its region; a tie between them (or a boundary
+    # within the margin, when the warper's rounding must be matched) sends the row to the warper
+    n_keep_R = torch.bincount(rows[kept], minlength=R)
+    fallback = ~has_region | ((n_keep_R == 0) & ~keep.any(-1))
+    inner = nonempty & (n_keep_R > 0) & (n_keep_R < counts_R)
+    if bool(inner.any()):
+        last = starts_R[inner] + n_keep_R[inner] - 1
+        fallback[inner] |= vals[last] == vals[last + 1]
+    if match_rounding:
+        near = (above - top_p).abs() < _MARGIN
+        fallback |= torch.bincount(rows[near], minlength=R) > 0
+    if bool(fallback.any()):
+        keep[fallback] = _warper_keep(scores_R_V[fallback], top_p)
     return keep
 
 
@@ -226,11 +211,10 @@ def nucleus(scores_B_V: torch.Tensor, top_p: float, *, probs: tuple[torch.Tensor
             narrow = torch.cat([narrow, rows])
         wide = torch.cat([wide, rest[~settled]])
     wide = wide.sort().values
-    select = _sorted_keep if V <= _SORT_MAX_V else _bucket_keep
     if wide.numel() == B:  # rows 0..B-1 in order
-        keep = select(scores_B_V, e_B_V, s_B, top_p, match_rounding=match_rounding)
+        keep = _bucket_keep(scores_B_V, e_B_V, s_B, top_p, match_rounding=match_rounding)
     elif wide.numel():
-        keep = select(scores_B_V[wide], e_B_V[wide], s_B[wide], top_p, match_rounding=match_rounding)
+        keep = _bucket_keep(scores_B_V[wide], e_B_V[wide], s_B[wide], top_p, match_rounding=match_rounding)
     else:
         keep = torch.zeros((0, V), dtype=torch.bool, device=device)
     return Nucleus(narrow, ids_R_K, valid_R_K, wide, keep)
