@@ -10,7 +10,8 @@ module evaluates that rule in float64 from the row's log-sum-exp over V, two way
   ``p``; their cumulative sum settles the boundary;
 - **wide nuclei** (thousands of tokens, e.g. a random-weight model or a high temperature): the logits are
   cut into 4,096 value ranges by a monotone map, one weighted histogram pass gives the mass above every
-  range, and only the tokens of the range(s) at the boundary are sorted (:func:`_bucket_keep`).
+  range, and only the tokens of the range(s) at the boundary are sorted (:func:`_bucket_keep`); up to
+  V = 32,768 one sort of the row costs less than that pass's many small operations (:func:`_sorted_keep`).
 
 Two things can make the float64 answer differ from the warper's float32 one:
 
@@ -38,6 +39,7 @@ __all__ = ["FastTopPLogitsWarper", "Nucleus", "candidates_from_mask", "nucleus",
 # float64 ones by at most 5.4e-7 at V = 151,936 (zipf, Gaussian logits, τ 0.5-2, measured): 1e-5 is ~20x that.
 _MARGIN = 1e-5
 _BUCKETS = 4096  # at most
+_SORT_MAX_V = 32768  # up to this vocabulary a wide nucleus is found by one sort (fewer, larger operations)
 _SPAN = 30.0  # logits more than this below the max share the lowest bucket (each carries < e^-30 of the max's mass)
 
 
@@ -64,6 +66,29 @@ def candidates_from_mask(keep_B_V: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     ids[rows, pos] = cols
     valid[rows, pos] = True
     return ids, valid
+
+
+def _sorted_keep(scores_R_V: torch.Tensor, e_R_V: torch.Tensor, s_R: torch.Tensor, top_p: float, *,
+                 match_rounding: bool) -> torch.Tensor:
+    """Keep mask ``[R, V]`` by one sort of each row and the float64 rule: for small vocabularies, where a sort
+    of V costs less than the bucketed selection's many small operations. Ties across the boundary and (with
+    ``match_rounding``) a boundary within ``_MARGIN`` of ``p`` go to the warper, as elsewhere."""
+    R, V = scores_R_V.shape
+    vals_R_V, order_R_V = torch.sort(scores_R_V, dim=-1, descending=True)
+    mass_R_V = e_R_V.gather(1, order_R_V).double().div_(s_R.double()[:, None])
+    above_R_V = torch.cumsum(mass_R_V, -1).sub_(mass_R_V)
+    keep_sorted = above_R_V < top_p
+    n_R = keep_sorted.sum(-1, keepdim=True)
+    last, nxt = (n_R - 1).clamp_(min=0), n_R.clamp(max=V - 1)
+    bad = (n_R < V) & (vals_R_V.gather(1, last) == vals_R_V.gather(1, nxt))
+    if match_rounding:
+        bad |= top_p - above_R_V.gather(1, last) < _MARGIN
+        bad |= (n_R < V) & (above_R_V.gather(1, nxt) - top_p < _MARGIN)
+    keep = torch.empty_like(keep_sorted).scatter_(1, order_R_V, keep_sorted)
+    bad = bad[:, 0]
+    if bool(bad.any()):
+        keep[bad] = _warper_keep(scores_R_V[bad], top_p)
+    return keep
 
 
 def _bucket_keep(scores_R_V: torch.Tensor, e_R_V: torch.Tensor, s_R: torch.Tensor, top_p: float, *,
@@ -211,10 +236,11 @@ def nucleus(scores_B_V: torch.Tensor, top_p: float, *, probs: tuple[torch.Tensor
             narrow = torch.cat([narrow, rows])
         wide = torch.cat([wide, rest[~settled]])
     wide = wide.sort().values
+    select = _sorted_keep if V <= _SORT_MAX_V else _bucket_keep
     if wide.numel() == B:  # rows 0..B-1 in order
-        keep = _bucket_keep(scores_B_V, e_B_V, s_B, top_p, match_rounding=match_rounding)
+        keep = select(scores_B_V, e_B_V, s_B, top_p, match_rounding=match_rounding)
     elif wide.numel():
-        keep = _bucket_keep(scores_B_V[wide], e_B_V[wide], s_B[wide], top_p, match_rounding=match_rounding)
+        keep = select(scores_B_V[wide], e_B_V[wide], s_B[wide], top_p, match_rounding=match_rounding)
     else:
         keep = torch.zeros((0, V), dtype=torch.bool, device=device)
     return Nucleus(narrow, ids_R_K, valid_R_K, wide, keep)
