@@ -60,7 +60,16 @@ def test_fused_and_dense_support_kl_reach_the_same_weights(tmp_path, tiny_model_
     for k in ga:
         torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-8)
     wa, wb = dict(a.student.named_parameters()), dict(b.student.named_parameters())
-    assert max(float((wa[k] - wb[k]).detach().abs().max()) for k in wa) < 1e-5
+    # Relative to how far training moved the weights (~lr x steps = 0.02 here): AdamW's step g / (|g| + 1e-8)
+    # turns float32 rounding in gradients of size ~1e-9 (the two paths sum in different orders) into
+    # differences of ~1e-5 of a step for those elements, so an absolute bound says more about the sample
+    # than about the paths; a real difference between them moves weights by a sizeable part of a step.
+    from opdkit.hf import load_causal_lm
+
+    w0 = dict(load_causal_lm(tiny_model_dirs["qwen2"]).named_parameters())
+    moved = max(float((wa[k] - w0[k]).detach().abs().max()) for k in wa)
+    assert moved > 1e-2
+    assert max(float((wa[k] - wb[k]).detach().abs().max()) for k in wa) < 1e-3 * moved
     la = [r["loss"] for r in read_metrics(ra.run_dir)]
     lb = [r["loss"] for r in read_metrics(rb.run_dir)]
     assert la == pytest.approx(lb, rel=1e-5)
