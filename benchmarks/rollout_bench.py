@@ -3,10 +3,10 @@
 Both arms sample the same prompts with the same settings (temperature, top-p, top-k, pad suppressed,
 the same EOS ids) on a tiny-but-not-trivial model built offline (a byte-level BPE trained to ~2000
 tokens, a random-weight Qwen2 with hidden 256 and 4 layers). They sample the same distribution but not
-the same tokens: the sampler draws each response with its own counter-based Gumbel noise (so that a
+the same tokens: the sampler draws each response with its own seeded uniform per step (so that a
 response does not depend on its batch), ``generate`` with ``torch.multinomial`` on the global RNG; the
 script prints the mean response length of each arm, since tokens/s is counted over generated tokens. The
-sampler additionally renders the chat template, left-pads the prompts, adds the per-response noise,
+sampler additionally renders the chat template, left-pads the prompts, makes its own draw per token,
 records the untruncated and truncated log-prob of every sampled token and assembles a ``RolloutBatch``;
 the direct arm gets pre-tokenised inputs and returns only the sequences. A third, informational arm is
 ``generate(output_scores=True, output_logits=True, return_dict_in_generate=True)``, the usual way to get

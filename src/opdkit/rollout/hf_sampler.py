@@ -6,17 +6,17 @@ with a *clean* generation config (no temperature / top-k / top-p of its own, and
 one logits processor of ours that makes the draw itself (:func:`opdkit.rollout.draw.draw_step`): from the
 raw logits ``generate`` computes (float32, KV cache, left-padding-aware positions) it takes the tempered
 student's log-normaliser, entropy and log-prob of the drawn token (π_old), blocks the pad token, applies
-transformers' top-k and top-p token sets (top-p found without sorting the vocabulary,
-:mod:`opdkit.rollout.nucleus`), draws with seeded Gumbel noise among the kept tokens, records the drawn
+transformers' top-k token set and the exact top-p nucleus (found without sorting the vocabulary,
+:mod:`opdkit.rollout.nucleus`), draws among the kept tokens by inversion of a seeded uniform, records the drawn
 token's log-prob under that truncated distribution, and returns scores whose argmax is the drawn token.
 Nothing of size ``B x V`` outlives a step, there is no second forward pass, and the per-token cost is a few
 passes over the row instead of a processor chain's dozens (``output_scores=True, output_logits=True`` would
 also keep ``O(B·T·V)``, which for a 150k vocabulary and long responses does not fit). After ``generate`` the
 drawn tokens are checked against the ones it emitted.
 
-Seeds: every response has its own seed, and its random numbers are a function of (seed, step, token id)
-only (``opdkit.rollout.seeding``): the draw is the Gumbel-max trick (the noise evaluated only at the kept
-tokens, with the values it has over the whole vocabulary). A response is therefore the same whether it is
+Seeds: every response has its own seed, and its random number at a step is a function of (seed, step)
+only (``opdkit.rollout.seeding``): the drawn token is the first kept token, in id order, whose cumulative
+probability exceeds that uniform. A response is therefore the same whether it is
 sampled alone or in any batch, on any process (up to floating-point differences of the batched forward
 pass). ``sample(..., seeds=[...])`` gives the seed of every row; ``seed=s`` derives row ``i``'s seed from
 ``(s, i)``; ``seed=None`` uses ``settings.seed + k`` for the k-th call of this sampler. The global RNG is
@@ -271,7 +271,7 @@ class HFSampler:
         from transformers import GenerationConfig
 
         # Every sampling knob explicit and neutral: the distribution is fully given by our processor chain.
-        # Greedy on Gumbel-perturbed scores (see the module docstring): the draw is made by our processor.
+        # Greedy on the one-hot scores our processor returns (see the module docstring): it makes the draw.
         return GenerationConfig(
             do_sample=False,
             num_beams=1,
