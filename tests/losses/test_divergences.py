@@ -289,3 +289,29 @@ def test_full_reverse_kl_infinite_logits_keep_their_meaning():
     t2 = t.clone()
     t2[1, 3] = float("-inf")
     assert torch.isinf(full_reverse_kl(s, t2, torch.ones(3, dtype=torch.bool), check_inputs=False)[1])
+
+
+def test_full_reverse_kl_teacher_gradient_masked_rows_and_second_derivatives():
+    """A differentiated teacher gets its gradient (autograd path); a masked row whose KL is infinite sends no
+    NaN back; the closed-form path refuses a double backward instead of returning wrong numbers."""
+    g = torch.Generator().manual_seed(7)
+    zs = torch.randn(4, 20, generator=g, dtype=torch.float64, requires_grad=True)
+    zt = torch.randn(4, 20, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([True, False, True, True])
+    gs, gt = torch.autograd.grad(full_reverse_kl(zs, zt, mask).sum(), (zs, zt))
+    ref_s, ref_t = torch.autograd.grad(ref.full_reverse_kl(zs, zt, mask).sum(), (zs, zt))
+    torch.testing.assert_close(gs, ref_s)
+    torch.testing.assert_close(gt, ref_t)
+    assert torch.autograd.gradgradcheck(lambda a, b: full_reverse_kl(a, b, mask), (zs, zt))
+
+    t_inf = zt.detach().clone()
+    t_inf[1, 5] = float("-inf")  # row 1 is masked: its infinite KL must not poison the gradient
+    x = zs.detach().clone().requires_grad_(True)
+    out = full_reverse_kl(x, t_inf, mask)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all() and (x.grad[1] == 0).all()
+
+    y = zs.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(full_reverse_kl(y, zt.detach(), mask).sum(), y, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|require grad"):
+        torch.autograd.grad(grad.sum(), y)

@@ -94,9 +94,11 @@ class RolloutConfig:
 
     temperature: float = _f(1.0, "sampling temperature", gt=0)
     top_p: float = _f(
-        0.9, "nucleus sampling: keep the smallest token set with this much probability; 1 = off", gt=0, le=1
+        0.9, "nucleus sampling: keep the smallest token set with this much probability (inside the top-k set "
+        "when top_k is on); 1 = off", gt=0, le=1
     )
-    top_k: int = _f(0, "sample only among the k most likely tokens; 0 = off", ge=0)
+    top_k: int = _f(0, "sample only among the k most likely tokens (all tokens tied with the k-th kept); 0 = off",
+                    ge=0)
     max_new_tokens: int = _f(512, "maximum response length in tokens", ge=1)
     n_samples: int = _f(8, "responses sampled per prompt", ge=1)
     stop: list[str] = _f([], "strings that end a response, besides the end-of-sequence token")

@@ -22,6 +22,7 @@ import math
 from typing import Literal
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from opdkit.errors import InputError
 from opdkit.losses._checks import (
@@ -276,6 +277,9 @@ def full_reverse_kl(
 
     Returns:
         ``[...]`` per-token KL in float32 (float64 for float64 inputs); 0 where masked.
+
+    Gradients: with respect to the student logits in closed form (first derivatives only: a double backward
+    raises); when ``teacher_logits`` requires grad, by autograd for both (second derivatives too).
     """
     student_logits = check_float("student_logits", student_logits, min_dim=1)
     teacher_logits = check_float("teacher_logits", teacher_logits, min_dim=1)
@@ -297,11 +301,15 @@ def full_reverse_kl(
     z = student_logits.to(dtype) / temperature
     lp_t = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     V = z.shape[-1]
-    per_token = _ReverseKLFromLogits.apply(z.reshape(-1, V), lp_t.reshape(-1, V)).reshape(z.shape[:-1])
-    if not bool(torch.isfinite(per_token).all()):
-        # -inf student logits (0 · -inf) or a teacher zero under student mass: the guarded formula, whose
-        # gradients stay finite where the value is
+    per_token = None
+    if not lp_t.requires_grad:  # the closed-form gradient is the student's only (a teacher is frozen)
+        per_token = _ReverseKLFromLogits.apply(z.reshape(-1, V), lp_t.reshape(-1, V)).reshape(z.shape[:-1])
+    if per_token is None or not bool(torch.isfinite(per_token).all()):
+        # A teacher that is differentiated, -inf student logits (0 · -inf), or a teacher zero under student
+        # mass: autograd through the guarded formula. Masked rows compare the student with itself, so an
+        # infinite KL there cannot send a NaN gradient (inf · 0) back through the mask.
         lp_s = torch.log_softmax(z, dim=-1)
+        lp_t = torch.where(mask_b[..., None], lp_t, lp_s.detach())
         per_token = _kl_sum(lp_s, lp_t, torch.ones_like(lp_s, dtype=torch.bool))
     return torch.where(mask_b, per_token, torch.zeros_like(per_token))
 
@@ -310,7 +318,8 @@ class _ReverseKLFromLogits(torch.autograd.Function):
     """Per row ``KL = Σ_v p (log p − log q)`` with ``p = softmax(z)``, ``log q`` given (normalised), and the
     closed-form gradient ``∂KL/∂z = p ⊙ (log p − log q − KL)`` (``log q`` gets none).
 
-    Autograd through log-softmax, exp, product and sum makes about three times the passes over ``[N, V]``;
+    First derivatives only (a double backward raises). Autograd through log-softmax, exp, product and sum
+    makes about three times the passes over ``[N, V]``;
     at a 150k vocabulary those passes, not the head's matmul, are the cost of ``full_reverse_kl``.
     """
 
@@ -324,6 +333,7 @@ class _ReverseKLFromLogits(torch.autograd.Function):
         return kl_N
 
     @staticmethod
+    @once_differentiable  # second derivatives would need the graph of p and diff: refuse rather than be wrong
     def backward(ctx, g_N):
         p, diff, kl_N = ctx.saved_tensors
         grad = diff - kl_N[:, None]

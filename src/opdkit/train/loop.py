@@ -124,7 +124,8 @@ class Trainer:
         self.log = log if self.c.dist.is_main else (lambda _msg: None)
         self.last_step: StepRecord | None = None
         self.last_checkpoint: Path | None = None
-        self.log(f"opdkit: {self.c.head_description}; precision {self.c.precision.name}; "
+        pi_old = "from the sampler" if self.c.pi_old_from_sampler else "recomputed by a student pass"
+        self.log(f"opdkit: {self.c.head_description}; precision {self.c.precision.name}; π_old {pi_old}; "
                  f"{self.c.dist.world} process(es) on {self.c.dist.device}, "
                  f"{torch.get_num_threads()} CPU thread(s) each")
 
