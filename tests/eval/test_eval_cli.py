@@ -98,7 +98,8 @@ def test_eval_end_to_end_and_continuation(tmp_path, tiny_model_dirs, bench, caps
 
 def test_sigint_keeps_the_samples_and_the_same_command_continues(tmp_path, tiny_model_dirs):
     model = tiny_model_dirs["qwen2"]
-    args = ["eval", "--model", str(model), "--benchmark", "rg:chain_sum", "--max-problems", "60", "--n", "2",
+    # enough problems that the signal always lands mid-run (the sampler answers a batch in ~0.1 s)
+    args = ["eval", "--model", str(model), "--benchmark", "rg:chain_sum", "--max-problems", "200", "--n", "2",
             "--max-new-tokens", "24", "--batch-size", "4", "--no-progress", "--grading-processes", "0"]
     out = tmp_path / "ev"
     proc = subprocess.Popen([EXE, *args, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -112,13 +113,13 @@ def test_sigint_keeps_the_samples_and_the_same_command_continues(tmp_path, tiny_
     assert proc.returncode == 75, err[-2000:]
     assert "Run the same command to continue" in err and "Traceback" not in err
     kept = len(samples.read_text().splitlines())
-    assert 8 <= kept < 120
+    assert 8 <= kept < 400
     r = subprocess.run([EXE, *args, "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"{kept} samples already there" in r.stderr
     done = _samples(out)
-    assert len(done) == 120 and len(samples.read_text().splitlines()) == 120
-    assert {(p, j) for _, p, j in done} == {(p, j) for p in range(60) for j in range(2)}
+    assert len(done) == 400 and len(samples.read_text().splitlines()) == 400
+    assert {(p, j) for _, p, j in done} == {(p, j) for p in range(200) for j in range(2)}
 
 
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, tiny_model_dirs, bench, capsys):
@@ -192,3 +193,14 @@ def test_prompts_longer_than_the_context_and_run_directories(tmp_path, tiny_mode
     (run / "final").mkdir()
     code, _, err = _run(capsys, ["eval", "--model", str(run), "--benchmark", "demo", "--out", str(tmp_path / "e")])
     assert code == 2 and f"--model {run / 'final'}" in err
+
+
+def test_samples_lines_never_contain_characters_read_as_line_breaks():
+    """A model's response may hold U+0085 / U+2028 / U+2029: str.splitlines() and some JSON Lines readers
+    split there, so samples.jsonl escapes them (found when a random model's response broke a line)."""
+    from opdkit.eval.run import _jsonl_line
+
+    row = {"response": "a\u2028b\x85c\u2029d é ✓", "answer": None}
+    line = _jsonl_line(row)
+    assert line.endswith("\n") and len(line.splitlines()) == 1 and "é ✓" in line
+    assert json.loads(line) == row

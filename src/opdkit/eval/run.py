@@ -49,6 +49,13 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _jsonl_line(row: dict) -> str:
+    """One JSON Lines record, UTF-8 text kept readable, with the three characters that some readers take for
+    line breaks (U+0085, U+2028, U+2029; a model's response can contain them) escaped."""
+    text = json.dumps(row, ensure_ascii=False)
+    return text.replace("\u0085", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
+
+
 def _ends_with_newline(path: Path) -> bool:
     """An empty file, or one whose last byte is a newline (a kill can leave half a line)."""
     with open(path, "rb") as f:
@@ -69,7 +76,7 @@ def read_samples(out_dir: str | Path) -> list[dict]:
     keys = ("benchmark", "problem", "sample", "correct")
     good = [r for r in rows if all(k in r for k in keys)]
     if len(good) != len(rows) or not _ends_with_newline(path):
-        _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in good))
+        _write_atomic(path, "".join(_jsonl_line(r) for r in good))
     return good
 
 
@@ -313,7 +320,7 @@ def run_eval(
         with open(out / SAMPLES_FILE, "a", encoding="utf-8") as f, prec.autocast():
             for batch in evaluator.run(model, tokenizer, todo, pool=pool, timings=timings):
                 lines = [dataclasses.asdict(s) for s in batch]
-                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+                f.write("".join(_jsonl_line(r) for r in lines))
                 f.flush()
                 os.fsync(f.fileno())
                 rows.extend(lines)
