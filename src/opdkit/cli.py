@@ -68,22 +68,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt():
+def _terminate_as_interrupt(*, sigint: bool = False):
+    """SIGTERM (and with ``sigint`` SIGINT too) raises ``KeyboardInterrupt``; yields a callable that says
+    whether such a signal came, for code that must stop even if a library swallowed the exception."""
     import signal
     import threading
 
+    seen: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: bool(seen)
         return
 
     def handler(signum, frame):
+        seen.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    signals = [signal.SIGTERM, *([signal.SIGINT] if sigint else [])]
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
-        yield
+        yield lambda: bool(seen)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -164,12 +170,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise OpdkitError(message) from None
     out = Path(args.out).expanduser()
     try:
-        with _terminate_as_interrupt():
+        with _terminate_as_interrupt(sigint=True) as stop_requested:
             summary = run_eval(args.model, args.benchmark, out, settings, fields=fields,
                                template=args.prompt_template, system=args.system, max_problems=args.max_problems,
                                ks=args.k, device=args.device, precision=args.precision,
                                chat_template=args.chat_template, trust_remote_code=args.trust_remote_code,
-                               progress=not args.no_progress, threads=args.threads)
+                               progress=not args.no_progress, threads=args.threads, stop_requested=stop_requested)
     except KeyboardInterrupt:
         samples = out / SAMPLES_FILE
         if samples.exists() and samples.stat().st_size:

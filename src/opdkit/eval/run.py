@@ -230,12 +230,15 @@ def run_eval(
     progress: bool = True,
     threads: int = 0,
     log=None,
+    stop_requested=None,
 ) -> dict:
     """Evaluate the model in ``model_path`` on the benchmarks ``specs`` (see :mod:`opdkit.eval.benchmarks`)
     with ``settings`` (:class:`~opdkit.eval.evaluator.EvalSettings`); write and return the summary.
 
     Everything is validated (output directory, benchmark files, model, chat template, an existing
-    evaluation's settings) before the first file is written.
+    evaluation's settings) before the first file is written. ``stop_requested()`` is asked after every
+    batch; True raises ``KeyboardInterrupt`` there (a signal whose exception a library swallowed, e.g. inside
+    in-process grading, still stops the run).
     """
     import torch
 
@@ -324,6 +327,8 @@ def run_eval(
                 f.flush()
                 os.fsync(f.fileno())
                 rows.extend(lines)
+                if stop_requested is not None and stop_requested():
+                    raise KeyboardInterrupt
                 if bar is not None:
                     bar.update(len(batch))
                     acc = sum(r["correct"] for r in rows) / len(rows)
