@@ -1,10 +1,10 @@
-"""Nucleus (top-p) truncation without sorting the vocabulary.
+"""Nucleus (top-p) truncation without sorting a large vocabulary.
 
 transformers' ``TopPLogitsWarper`` sorts all V logits of every row at every generated token: at V = 151,936
 that sort is most of a CPU sampling step. The warper keeps the token of descending rank r (r = 1 the
 largest) when the probability mass of the tokens ranked *below and at* it, accumulated from the bottom in
 float32, exceeds ``1 - p``; in exact arithmetic, when "the mass ranked strictly above it is below p". This
-module evaluates that rule in float64 from the row's log-sum-exp over V, two ways:
+module evaluates that rule in float64 from the row's log-sum-exp over V:
 
 - **narrow nuclei** (a real language model's usual case): the 64 largest logits (``torch.topk``) hold mass
   ``p``; their cumulative sum settles the boundary;
