@@ -89,3 +89,17 @@ def test_the_teacher_dtype_follows_the_runs_precision(tmp_path, tiny_model_dirs)
                 progress=False, log=said.append)
     assert next(t.c.teacher.model.parameters()).dtype == torch.bfloat16
     assert sum("teacher.dtype=bfloat16 on a CPU" in m for m in said) == 1
+    # outside a run (LocalTeacher.from_config, build_teacher without a loaded model): the same resolution
+    from opdkit.train.precision import teacher_load_dtype
+
+    assert teacher_load_dtype("run") == "float32"
+    assert teacher_load_dtype("run", "bf16") == "bfloat16"
+    assert teacher_load_dtype("float16", "bf16") == "float16"
+
+
+def test_adamw_is_fused_and_reads_its_eps(tmp_path, tiny_model_dirs):
+    """optim.eps reaches AdamW, which uses torch's fused kernel on a CPU."""
+    t = Trainer(_cfg(tiny_model_dirs, **{"optim.eps": 1e-3}), tmp_path / "r", prompts=PROMPTS, progress=False,
+                log=lambda _m: None)
+    groups = t.c.optimizer.param_groups
+    assert groups and all(g["eps"] == 1e-3 and g["fused"] for g in groups)

@@ -7,7 +7,7 @@ Given the raw logits of a step ``[B, V]`` this computes, for every row,
   (``opdkit.student.student_pass``);
 - the truncated distribution that is sampled: the blocked token (pad) removed, then transformers'
   ``TopKLogitsWarper`` set (ties at the k-th value kept) and the top-p nucleus
-  (:func:`opdkit.rollout.nucleus.nucleus`, the exact float64 rule, no sort of V), and the log-prob of the
+  (:func:`opdkit.rollout.nucleus.nucleus`, the exact float64 rule, no sort of a large V), and the log-prob of the
   drawn token under it;
 - the draw itself, by inversion: with ``u`` the trajectory's uniform for this step
   (:func:`opdkit.rollout.seeding.step_uniforms`), the first kept token *in id order* at which the cumulative
@@ -88,12 +88,13 @@ def _draw_candidates(e_R_V, ids_R_K, valid_R_K, u_R):
     return ids_R_K.gather(1, pos[:, None])[:, 0], total
 
 
-def draw_step(scores_B_V: torch.Tensor, *, seeds_B: torch.Tensor, step: int, temperature: float = 1.0,
+def draw_step(scores_B_V: torch.Tensor, *, seeds_B, step: int, temperature: float = 1.0,
               top_k: int = 0, top_p: float = 1.0, block_id: int | None = None, stats: bool = True) -> Draw:
     """Draw one token per row from ``scores_B_V`` (raw logits) as described in the module docstring.
 
-    ``seeds_B`` and ``step`` select the uniform (:func:`opdkit.rollout.seeding.step_uniforms`); ``block_id``
-    is a token never drawn (the pad token); ``stats`` also computes the entropy.
+    ``seeds_B`` (ints, or an int64 tensor) and ``step`` select the uniform
+    (:func:`opdkit.rollout.seeding.step_uniforms`); ``block_id`` is a token never drawn (the pad token);
+    ``stats`` also computes the entropy.
     """
     B, V = scores_B_V.shape
     y = scores_B_V.float() / temperature  # TemperatureLogitsWarper's arithmetic (x / 1.0 is x); our own copy
@@ -116,7 +117,7 @@ def draw_step(scores_B_V: torch.Tensor, *, seeds_B: torch.Tensor, step: int, tem
     if block_id is not None:
         e[:, block_id] = 0.0
         y[:, block_id] = float("-inf")
-    u_B = step_uniforms(seeds_B, step)
+    u_B = step_uniforms(seeds_B, step, device=y.device)
     token_B = torch.empty(B, dtype=torch.long, device=y.device)
     total_B = torch.empty(B, dtype=torch.float64, device=y.device)
     if 0 < top_k < V:

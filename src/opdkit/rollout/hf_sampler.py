@@ -41,6 +41,7 @@ import torch
 from opdkit.config import RolloutConfig
 from opdkit.data.chat import left_pad, render_chat
 from opdkit.errors import InputError
+from opdkit.rollout.draw import draw_step
 from opdkit.rollout.seeding import trajectory_seed
 from opdkit.types import FINISH_LENGTH, FINISH_STOP, RolloutBatch
 
@@ -94,16 +95,14 @@ def _processors():
         def __init__(self, prompt_len: int, seeds_B: torch.Tensor, *, temperature: float, top_k: int,
                      top_p: float, block_id: int | None, stats: bool):
             self.prompt_len = prompt_len
-            self.seeds_B = seeds_B
+            self.seeds = seeds_B.tolist()  # once, not per generated token
             self.kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, block_id=block_id, stats=stats)
             self.draws: list = []
             self._out: torch.Tensor | None = None
 
         def __call__(self, input_ids, scores):
-            from opdkit.rollout.draw import draw_step
-
             step = input_ids.shape[1] - self.prompt_len
-            d = draw_step(scores, seeds_B=self.seeds_B.to(scores.device), step=step, **self.kw)
+            d = draw_step(scores, seeds_B=self.seeds, step=step, **self.kw)
             self.draws.append(d)
             # generate only takes the argmax of what we return; one buffer, its previous 0s reset to -inf
             out = self._out

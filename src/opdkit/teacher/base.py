@@ -50,11 +50,9 @@ def build_teacher(cfg: Config, request, *, student_vocab_size: int, drop_ids: Se
     if tokenizer is None:
         tokenizer = load_tokenizer(t.path, trust_remote_code=t.trust_remote_code)
     if model is None:
-        import torch
+        from opdkit.train.precision import teacher_load_dtype
 
-        from opdkit.train.precision import resolve_precision, teacher_dtype
-
-        dtype = teacher_dtype(t.dtype, resolve_precision(cfg.run.precision, torch.device(device or "cpu")))
+        dtype = teacher_load_dtype(t.dtype, cfg.run.precision, device)
         model = load_causal_lm(t.path, dtype=dtype, trust_remote_code=t.trust_remote_code, device=device)
     model = model.eval().requires_grad_(False)
     rows = min(student_vocab_size, int(model.get_output_embeddings().weight.shape[0]))

@@ -180,14 +180,12 @@ class LocalTeacher:
             kw.setdefault("support", objective_cfg.support)
             kw.setdefault("top_k", objective_cfg.top_k)
         kw.setdefault("chunk_size", teacher_cfg.chunk_size)
-        dtype = teacher_cfg.dtype
-        if dtype == "run":  # outside a run: the precision a run on this device would pick
-            from opdkit.train.precision import resolve_precision, teacher_dtype
+        from opdkit.train.precision import teacher_load_dtype
 
-            dtype = teacher_dtype(dtype, resolve_precision("auto", torch.device(device or "cpu")))
         return cls.from_pretrained(
             teacher_cfg.path,
-            dtype=dtype,
+            # outside a run: run resolves to what a run on this device would pick
+            dtype=teacher_load_dtype(teacher_cfg.dtype, "auto", device),
             trust_remote_code=teacher_cfg.trust_remote_code,
             device=device,
             **kw,

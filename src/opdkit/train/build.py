@@ -414,4 +414,3 @@ def make_adamw(params, **kw) -> torch.optim.AdamW:
         except (RuntimeError, TypeError, ValueError):
             pass
     return torch.optim.AdamW(params, **kw)
-

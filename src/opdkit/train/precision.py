@@ -67,3 +67,12 @@ def teacher_dtype(setting: str, precision: Precision) -> str:
     if setting == "run":
         return "bfloat16" if precision.name == "bf16" else "float32"
     return setting
+
+
+def teacher_load_dtype(setting: str, run_precision: str = "auto", device=None) -> str:
+    """:func:`teacher_dtype` where no :class:`Precision` is at hand: ``run`` resolved with the precision
+    ``run_precision`` would give on ``device`` (default CPU)."""
+    if setting != "run":
+        return setting
+    return teacher_dtype(setting, resolve_precision(run_precision, torch.device(device or "cpu")))
+
