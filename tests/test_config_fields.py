@@ -15,8 +15,11 @@ import pytest
 
 from opdkit.cli import main
 from opdkit.config import FIELD_KEYS, schema
+from tests.teacher.serving import served
 
-REFUSED = {"rollout.engine": "vllm", "teacher.url": "http://127.0.0.1:9"}
+REFUSED = {"rollout.engine": "vllm"}
+# Read only when talking to a vLLM server: exercised by tests/teacher/test_vllm_teacher.py (slow, own env).
+VLLM_ONLY = {"teacher.served_model", "teacher.tokenizer_path"}
 
 
 @pytest.fixture
@@ -47,6 +50,8 @@ def _files(tmp_path):
 
 def test_every_config_field_is_read_or_refused(tmp_path, tiny_model_dirs, reads):
     train = _files(tmp_path)
+    token = tmp_path / "token"
+    token.write_text("a-token\n")
     common = [f"model.path={tiny_model_dirs['qwen2']}", f"teacher.path={tiny_model_dirs['llama']}",
               f"data.train_path={train}", "data.prompt_key=question", "data.answer_key=solution",
               "optim.total_steps=1", "rollout.max_new_tokens=6", "rollout.n_samples=2", "optim.prompts_per_step=2",
@@ -60,8 +65,16 @@ def test_every_config_field_is_read_or_refused(tmp_path, tiny_model_dirs, reads)
         ["objective.kind=sampled_token", "optim.mini_batches=2", "objective.reward_clip=2.0",
          "optim.schedule=cosine", "optim.warmup_steps=1", "optim.grad_clip=null"],
         ["objective.kind=full_reverse_kl", "run.overwrite=true"],
+        ["teacher.url=SERVER", "teacher.api=opdkit", f"teacher.token_file={token}", "teacher.timeout_s=60",
+         "teacher.retries=2"],
     ]
     for i, extra in enumerate(runs):
+        if "teacher.url=SERVER" in extra:
+            with served(tiny_model_dirs["llama"], "--token-file", str(token)) as (url, _):
+                extra = [e.replace("SERVER", url) for e in extra]
+                base = [o for o in common if not o.startswith("teacher.path")]
+                assert main(["train", *base, *extra, f"run.out_dir={tmp_path / 'remote'}"]) == 0
+            continue
         out = tmp_path / f"run{i}"
         full = "objective.kind=full_reverse_kl" in extra  # its support is the whole vocabulary: no top_k
         base = [o for o in common if not (full and o.startswith("objective.top_k"))]
@@ -72,7 +85,7 @@ def test_every_config_field_is_read_or_refused(tmp_path, tiny_model_dirs, reads)
         bad = [o for o in common if not o.startswith("teacher.path")] if key == "teacher.url" else common
         assert main(["train", *bad, f"{key}={value}", f"run.out_dir={tmp_path / 'refused'}"]) == 2
         assert not (tmp_path / "refused").exists()  # refused before anything was written
-    unread = [k for k in FIELD_KEYS if k not in reads]
+    unread = [k for k in FIELD_KEYS if k not in reads and k not in VLLM_ONLY]
     assert not unread, f"config fields read by nothing: {unread}"
 
 
@@ -81,5 +94,28 @@ def test_refused_settings_say_not_supported(tmp_path, tiny_model_dirs, capsys):
     base = [f"model.path={tiny_model_dirs['qwen2']}", f"data.train_path={train}", "data.prompt_key=question"]
     assert main(["train", *base, f"teacher.path={tiny_model_dirs['llama']}", "rollout.engine=vllm"]) == 2
     assert "rollout.engine: 'vllm' is not supported yet" in capsys.readouterr().err
-    assert main(["train", *base, "teacher.url=http://127.0.0.1:9"]) == 2
-    assert "teacher.url: a remote teacher is not supported yet" in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("teacher.token_file=/tmp/x", "teacher.token_file = '/tmp/x' has no effect here: it acts only with teacher.url"),
+    ("teacher.retries=3", "teacher.retries = 3 has no effect here"),
+])
+def test_remote_teacher_settings_without_url_are_refused(tmp_path, tiny_model_dirs, capsys, setting, words):
+    train = _files(tmp_path)
+    base = [f"model.path={tiny_model_dirs['qwen2']}", f"data.train_path={train}", "data.prompt_key=question",
+            f"teacher.path={tiny_model_dirs['llama']}"]
+    assert main(["train", *base, setting]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_server_side_settings_with_url_are_refused(tmp_path, tiny_model_dirs, capsys):
+    train = _files(tmp_path)
+    base = [f"model.path={tiny_model_dirs['qwen2']}", f"data.train_path={train}", "data.prompt_key=question",
+            "teacher.url=http://127.0.0.1:9"]
+    assert main(["train", *base, "teacher.chunk_size=64"]) == 2
+    assert "teacher.chunk_size = 64 has no effect here: it acts on a local teacher" in capsys.readouterr().err
+    assert main(["train", *base, "teacher.retries=0", f"run.out_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.url: the teacher server at http://127.0.0.1:9/health did not answer after 1 tries" in err
+    assert not (tmp_path / "r").exists()

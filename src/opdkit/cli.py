@@ -235,6 +235,34 @@ def _device(name: str | None, what: str):
     return device
 
 
+def _positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= 1, got {text!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= 1, got {v}")
+        return v
+
+    return parse
+
+
+def _cmd_serve_teacher(args: argparse.Namespace) -> int:
+    from opdkit.teacher.server import ServerLimits, serve_teacher
+    from opdkit.threads import configure_threads
+
+    if not 0 <= args.port <= 65535:
+        raise OpdkitError(f"--port: expected 0..65535, got {args.port}")
+    configure_threads(args.threads)
+    limits = ServerLimits(max_request_bytes=args.max_request_mb << 20, max_sequences=args.max_sequences,
+                          max_seq_len=args.max_seq_len, max_top_k=args.max_top_k,
+                          max_response_bytes=args.max_response_mb << 20, batch_sequences=args.batch_sequences)
+    return serve_teacher(args.model, host=args.host, port=args.port, token_file=args.token_file, dtype=args.dtype,
+                         device=_device(args.device, "--device"), chunk_size=args.chunk_size,
+                         trust_remote_code=args.trust_remote_code, limits=limits, name=args.name)
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     import json
 
@@ -398,6 +426,55 @@ exit status: 0 done; 2 bad input; 75 interrupted (samples so far kept: run the s
                    help="the student's chat template, as model.chat_template (default: the tokenizer's own)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow modelling code shipped with the models")
     p.set_defaults(func=_cmd_check)
+
+    from opdkit.teacher.server import ServerLimits
+
+    lim = ServerLimits()
+    p = sub.add_parser(
+        "serve-teacher",
+        help="serve a teacher model over HTTP for training on other processes or machines",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a teacher over HTTP (FastAPI on uvicorn). A run uses it with teacher.url=http://HOST:PORT "
+        "(and teacher.token_file when --token-file is set); it then receives K ids and log-probs per response "
+        "token, never the vocabulary-sized logits. Loopback only unless --host says otherwise.",
+        epilog="""endpoints:
+  GET  /health         model, vocabulary size, tokenizer digest, dtype, limits (JSON)
+  GET  /v1/tokenizer   the teacher tokenizer's files (the client's pre-flight check uses them)
+  POST /v1/score       a rollout batch as safetensors bytes -> the teacher signal as safetensors bytes
+  GET  /openapi.json   the OpenAPI schema (and /docs)
+answers: 400 malformed request, 401 missing/wrong token, 413 over a limit, 500 the model failed; the server
+  keeps serving after each. Concurrent requests with the same settings are scored in one model call.
+example:
+  opdkit serve-teacher --model /models/teacher --port 8000 --token-file ~/.opdkit-token
+  opdkit train cfg.yaml teacher.path=null teacher.url=http://127.0.0.1:8000 teacher.token_file=~/.opdkit-token""",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="the teacher: a Hugging Face causal-LM directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine "
+                   "only; 0.0.0.0 for every interface, with --token-file)")
+    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0 = any free port, printed)")
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="a file holding a bearer token every request must carry")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
+                   help="weights dtype (default %(default)s; bfloat16 on a GPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--chunk-size", type=_positive("--chunk-size"), default=256,
+                   help="response positions per LM-head chunk: memory O(chunk x vocab) (default %(default)s)")
+    p.add_argument("--name", default=None, help="the model name /health reports (default: the directory's name)")
+    p.add_argument("--max-request-mb", type=_positive("--max-request-mb"), default=lim.max_request_bytes >> 20,
+                   help="largest request body (default %(default)s MiB)")
+    p.add_argument("--max-sequences", type=_positive("--max-sequences"), default=lim.max_sequences,
+                   help="sequences per request (default %(default)s)")
+    p.add_argument("--max-seq-len", type=_positive("--max-seq-len"), default=lim.max_seq_len,
+                   help="prompt + response tokens per sequence (default %(default)s, at most the model's context)")
+    p.add_argument("--max-top-k", type=_positive("--max-top-k"), default=lim.max_top_k,
+                   help="largest K of a top-K request (default %(default)s)")
+    p.add_argument("--max-response-mb", type=_positive("--max-response-mb"), default=lim.max_response_bytes >> 20,
+                   help="largest answer, which bounds the full-vocabulary support (default %(default)s MiB)")
+    p.add_argument("--batch-sequences", type=_positive("--batch-sequences"), default=lim.batch_sequences,
+                   help="sequences of concurrent requests merged into one model call (default %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = the cores this process may use")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow modelling code shipped with the model")
+    p.set_defaults(func=_cmd_serve_teacher)
 
     p = sub.add_parser(
         "demo",

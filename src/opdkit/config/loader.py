@@ -223,8 +223,10 @@ def _check_combinations(cfg: Config, origins: Mapping[str, str], source: str) ->
 
 def _inert_rules(cfg: Config) -> list[tuple[str, bool, str]]:
     """``(key, inert, why)``: settings that nothing reads in this configuration (see _check_inert)."""
-    o, m = cfg.objective, cfg.model
+    o, m, t = cfg.objective, cfg.model, cfg.teacher
     pg = o.kind == "sampled_token"
+    remote = t.url is not None
+    server_side = "it acts on a local teacher (teacher.path); a remote teacher's server sets it (opdkit serve-teacher)"
     skl = o.kind == "support_kl"
     return [
         ("objective.gamma", not pg, "it acts only with objective.kind=sampled_token"),
@@ -243,6 +245,17 @@ def _inert_rules(cfg: Config) -> list[tuple[str, bool, str]]:
         ("objective.special_token_mode", o.special_tokens == [], "objective.special_tokens is empty"),
         ("eval.temperature", cfg.eval.greedy, "eval.greedy=true decodes greedily"),
         ("eval.top_p", cfg.eval.greedy, "eval.greedy=true decodes greedily"),
+        ("teacher.api", not remote, "it acts only with teacher.url"),
+        ("teacher.token_file", not remote, "it acts only with teacher.url"),
+        ("teacher.timeout_s", not remote, "it acts only with teacher.url"),
+        ("teacher.retries", not remote, "it acts only with teacher.url"),
+        ("teacher.served_model", not remote or t.api == "opdkit", "it acts only with a vLLM teacher.url "
+         "(teacher.api=openai or auto)"),
+        ("teacher.tokenizer_path", not remote or t.api == "opdkit", "it acts only with a vLLM teacher.url "
+         "(teacher.api=openai or auto); an opdkit server sends its own tokenizer"),
+        ("teacher.dtype", remote, server_side),
+        ("teacher.chunk_size", remote, server_side),
+        ("teacher.trust_remote_code", remote, server_side),
         ("model.lora_alpha", m.lora_r == 0, "it acts only with model.lora_r > 0"),
         ("model.lora_dropout", m.lora_r == 0, "it acts only with model.lora_r > 0"),
         ("model.lora_target_modules", m.lora_r == 0, "it acts only with model.lora_r > 0"),

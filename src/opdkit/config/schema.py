@@ -79,7 +79,31 @@ class TeacherConfig:
         choices=("run",) + _DTYPES,
     )
     trust_remote_code: bool = _f(False, "run modelling code shipped in the model directory; only if you trust it")
-    url: str | None = _f(None, "address of a remote teacher server, instead of path (not supported yet: refused)")
+    url: str | None = _f(
+        None,
+        "address of a remote teacher instead of path: an `opdkit serve-teacher` server (http://HOST:PORT) or a "
+        "vLLM OpenAI-compatible server (teacher.api=openai)",
+    )
+    api: str = _f(
+        "auto",
+        "the protocol of teacher.url: opdkit (opdkit serve-teacher), openai (vLLM's /v1/completions with "
+        "prompt_logprobs), auto = ask the server",
+        choices=("auto", "opdkit", "openai"),
+    )
+    token_file: str | None = _f(None, "a file holding the bearer token the teacher server requires (teacher.url)")
+    timeout_s: float = _f(300.0, "time limit of one request to the teacher server, seconds (teacher.url)", gt=0)
+    retries: int = _f(
+        8, "tries after the first when the teacher server is unreachable or busy, with exponential back-off "
+        "from 0.5 s (at most 30 s apart), so a run rides through a server restart (teacher.url)", ge=0
+    )
+    served_model: str | None = _f(
+        None, "the model name to ask a vLLM server for (teacher.api=openai; default: the one it serves)"
+    )
+    tokenizer_path: str | None = _f(
+        None,
+        "a local copy of the remote teacher's tokenizer, for the pre-flight check (teacher.api=openai; default: "
+        "the student's, verified against the server's /tokenize)",
+    )
     chunk_size: int = _f(256, "response positions scored per chunk; bounds memory to O(chunk_size x vocab)", ge=1)
     own_chat_template: bool = _f(
         False,

@@ -4,7 +4,8 @@ A teacher scores a student's rollout and returns a :class:`~opdkit.types.Teacher
 full-vocabulary log-probs per response token, the sampled token's log-prob, the log-normaliser). It also
 exposes its tokenizer and its number of output rows, so the pre-flight check can run against a teacher
 whose weights are elsewhere. ``teacher.path`` builds a :class:`~opdkit.teacher.local.LocalTeacher`;
-``teacher.url`` (a remote teacher) is not supported yet.
+``teacher.url`` a :class:`~opdkit.teacher.remote.RemoteTeacher` (``opdkit serve-teacher``) or an
+:class:`~opdkit.teacher.openai.OpenAITeacher` (a vLLM OpenAI-compatible server).
 """
 
 from __future__ import annotations
@@ -34,17 +35,21 @@ class Teacher(Protocol):
 
 
 def build_teacher(cfg: Config, request, *, student_vocab_size: int, drop_ids: Sequence[int] = (), device=None,
-                  model=None, tokenizer=None) -> Teacher:
+                  model=None, tokenizer=None, student_tokenizer=None) -> Teacher:
     """The teacher of ``cfg.teacher`` answering ``request`` (an ``opdkit.objectives.TeacherRequest``).
 
-    ``model`` / ``tokenizer``: an already loaded teacher (else loaded from ``teacher.path``).
+    ``model`` / ``tokenizer``: an already loaded local teacher (else loaded from ``teacher.path``).
+    ``student_tokenizer``: for a vLLM teacher without ``teacher.tokenizer_path`` (checked against the server).
     """
     from opdkit.hf import load_causal_lm, load_tokenizer
     from opdkit.teacher.local import LocalTeacher
 
     t = cfg.teacher
     if t.url is not None:
-        raise OpdkitError("teacher.url: a remote teacher is not supported yet; set teacher.path to a local model")
+        from opdkit.teacher.connect import connect_teacher
+
+        return connect_teacher(cfg, request, student_vocab_size=student_vocab_size, drop_ids=drop_ids,
+                               student_tokenizer=student_tokenizer)
     if t.path is None:
         raise OpdkitError("teacher.path must be set to train")
     if tokenizer is None:

@@ -99,7 +99,8 @@ def _device_settings(cfg: Config) -> bool:
     return cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
 
 
-PATH_KEYS = ("model.path", "teacher.path", "data.train_path", "data.eval_path", "run.out_dir")
+PATH_KEYS = ("model.path", "teacher.path", "teacher.token_file", "teacher.tokenizer_path", "data.train_path",
+             "data.eval_path", "run.out_dir")
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -143,10 +144,8 @@ def refuse_unsupported(cfg: Config) -> None:
     """Settings that are declared but not supported yet: refused before anything is loaded."""
     if cfg.rollout.engine != "hf":
         raise OpdkitError(f"rollout.engine: {cfg.rollout.engine!r} is not supported yet; use 'hf'")
-    if cfg.teacher.url is not None:
-        raise OpdkitError("teacher.url: a remote teacher is not supported yet; set teacher.path to a local model")
-    if cfg.model.path is None or cfg.teacher.path is None:
-        raise OpdkitError("model.path and teacher.path must be set to train")
+    if cfg.model.path is None or (cfg.teacher.path is None and cfg.teacher.url is None):
+        raise OpdkitError("model.path and teacher.path (or teacher.url) must be set to train")
 
 
 @contextlib.contextmanager
@@ -322,16 +321,6 @@ def build_components(
     objective = build_objective(cfg.objective, temperature=cfg.rollout.temperature,
                                 chunk_size=cfg.model.logits_chunk_size)
     special_ids = resolve_special_ids(tokenizer, cfg.objective.special_tokens)
-    with _naming("teacher.path"):
-        teacher_tok = load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
-        from opdkit.train.precision import teacher_dtype as _teacher_dtype
-
-        teacher_dtype = _teacher_dtype(cfg.teacher.dtype, precision)
-        if cfg.teacher.dtype == "bfloat16" and device.type == "cpu" and dist.is_main:
-            log("warning: teacher.dtype=bfloat16 on a CPU: correct, but several times slower than float32 (a 1.5B "
-                "Qwen2 forward measured 7x); teacher.dtype=run picks float32 here")
-        teacher_model = load_causal_lm(cfg.teacher.path, dtype=teacher_dtype,
-                                       trust_remote_code=cfg.teacher.trust_remote_code, device=device)
     student_rows = vocab_rows(lm)
     if objective.request.support != "full" and cfg.objective.top_k > student_rows:
         raise OpdkitError(f"objective.top_k: {cfg.objective.top_k} is more than the student's vocabulary "
@@ -341,14 +330,32 @@ def build_components(
         log(f"warning: rollout.max_new_tokens + data.max_prompt_tokens = "
             f"{cfg.rollout.max_new_tokens + cfg.data.max_prompt_tokens} exceeds the student's "
             f"max_position_embeddings ({max_pos}); long responses will run past what it was trained on")
-    report = check_pair(tokenizer, teacher_tok, student_rows=student_rows, teacher_rows=vocab_rows(teacher_model),
-                        student=cfg.model.path, teacher=cfg.teacher.path)
+    drop_ids = special_ids if cfg.objective.drop_special_from_support else ()
+    teacher_model = None
+    if cfg.teacher.url is not None:  # the pre-flight check runs against the server's tokenizer and vocabulary
+        teacher = build_teacher(cfg, objective.request, student_vocab_size=student_rows, drop_ids=drop_ids,
+                                student_tokenizer=tokenizer)
+        teacher_tok, teacher_rows, teacher_name = teacher.tokenizer, teacher.vocab_size, cfg.teacher.url
+    else:
+        with _naming("teacher.path"):
+            teacher_tok = load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
+            from opdkit.train.precision import teacher_dtype as _teacher_dtype
+
+            teacher_dtype = _teacher_dtype(cfg.teacher.dtype, precision)
+            if cfg.teacher.dtype == "bfloat16" and device.type == "cpu" and dist.is_main:
+                log("warning: teacher.dtype=bfloat16 on a CPU: correct, but several times slower than float32 (a "
+                    "1.5B Qwen2 forward measured 7x); teacher.dtype=run picks float32 here")
+            teacher_model = load_causal_lm(cfg.teacher.path, dtype=teacher_dtype,
+                                           trust_remote_code=cfg.teacher.trust_remote_code, device=device)
+        teacher_rows, teacher_name = vocab_rows(teacher_model), cfg.teacher.path
+    report = check_pair(tokenizer, teacher_tok, student_rows=student_rows, teacher_rows=teacher_rows,
+                        student=cfg.model.path, teacher=teacher_name)
     require_compatible(report)
     if cfg.teacher.own_chat_template and not getattr(teacher_tok, "chat_template", None):
-        raise OpdkitError(f"teacher.own_chat_template: the teacher tokenizer '{cfg.teacher.path}' has no chat template")
-    teacher = build_teacher(cfg, objective.request, student_vocab_size=student_rows,
-                            drop_ids=special_ids if cfg.objective.drop_special_from_support else (),
-                            model=teacher_model, tokenizer=teacher_tok)
+        raise OpdkitError(f"teacher.own_chat_template: the teacher tokenizer '{teacher_name}' has no chat template")
+    if teacher_model is not None:
+        teacher = build_teacher(cfg, objective.request, student_vocab_size=student_rows, drop_ids=drop_ids,
+                                model=teacher_model, tokenizer=teacher_tok)
     if cfg.data.prompt_overflow == "truncate_left" and cfg.teacher.own_chat_template:
         raise OpdkitError("data.prompt_overflow=truncate_left with teacher.own_chat_template=true is not supported "
                           "yet (the teacher's own rendering would need the same truncation); use error or skip")
@@ -395,7 +402,8 @@ def build_components(
         head_description=head_description, load_dtype=load_dtype,
         identity={
             "student_sha256": model_dir_digest(cfg.model.path),
-            "teacher_sha256": model_dir_digest(cfg.teacher.path),
+            "teacher_sha256": (model_dir_digest(cfg.teacher.path) if cfg.teacher.url is None
+                               else teacher.model_sha256),
             "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
         },
     )

@@ -226,8 +226,10 @@ class Trainer:
              "ones this run started with: the data order of the remaining steps would change"),
             ("student_sha256", self.c.identity["student_sha256"], f"model.path ({self.cfg.model.path}) is not the "
              "model this run started from (its config, tokenizer or weights differ)"),
-            ("teacher_sha256", self.c.identity["teacher_sha256"], f"teacher.path ({self.cfg.teacher.path}) is not "
-             "the teacher this run started with (its config, tokenizer or weights differ)"),
+            ("teacher_sha256", self.c.identity["teacher_sha256"],
+             f"{'teacher.url' if self.cfg.teacher.url else 'teacher.path'} "
+             f"({self.cfg.teacher.url or self.cfg.teacher.path}) is not the teacher this run started with (its "
+             "config, tokenizer or weights differ)"),
             ("chat_template_sha256", self.c.identity["chat_template_sha256"], "the chat template differs from the "
              "one this run started with (model.chat_template, or the model's tokenizer)"),
         ]

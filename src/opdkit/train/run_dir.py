@@ -62,9 +62,11 @@ EXPORT_MANIFEST = ".opdkit-export.json"
 RESUME_OVERRIDES = (
     "model.path", "teacher.path", "data.train_path", "data.eval_path", "model.chat_template", "optim.total_steps",
     "run.save_every", "run.keep_last", "run.log_every", "run.tensorboard", "run.device", "teacher.chunk_size",
-    "model.logits_chunk_size", "eval.*",
+    "model.logits_chunk_size", "eval.*", "teacher.url", "teacher.token_file", "teacher.timeout_s", "teacher.retries",
+    "teacher.tokenizer_path",
 )
-# (A moved model, teacher, prompt file or chat template is checked to be the same on resume: digests.)
+# (A moved model, teacher, prompt file or chat template is checked to be the same on resume: digests; a
+# remote teacher reports its model directory's digest, so a run may move between teacher.path and teacher.url.)
 
 
 class RunDirError(OpdkitError, ValueError):

@@ -1,0 +1,52 @@
+"""``teacher.url``: connect to a remote teacher — an ``opdkit serve-teacher`` server or a vLLM OpenAI server.
+
+``teacher.api=auto`` asks the server: an opdkit server's ``/health`` answers JSON with an ``opdkit`` field;
+anything else that serves ``/v1/models`` is taken for an OpenAI-compatible (vLLM) server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from opdkit.config import Config
+from opdkit.errors import OpdkitError
+
+__all__ = ["connect_teacher", "detect_api"]
+
+
+def detect_api(url: str, *, token: str | None, timeout_s: float, retries: int) -> str:
+    """``"opdkit"`` or ``"openai"``, from what the server at ``url`` answers."""
+    from opdkit.teacher.remote import http_client, request_with_retries
+
+    with http_client(url, token=token, timeout_s=timeout_s) as client:
+        r = request_with_retries(client, "GET", "/health", retries=retries, backoff_s=0.5, what="teacher server")
+        try:
+            j = r.json()
+        except ValueError:
+            j = None
+        if isinstance(j, dict) and "opdkit" in j:
+            return "opdkit"
+        request_with_retries(client, "GET", "/v1/models", retries=0, backoff_s=0.5, what="teacher server")
+        return "openai"
+
+
+def connect_teacher(cfg: Config, request, *, student_vocab_size: int, drop_ids: Sequence[int] = (),
+                    student_tokenizer=None):
+    """The remote teacher of ``cfg.teacher`` (``url`` set) answering ``request``."""
+    from opdkit.teacher.remote import RemoteTeacher
+    from opdkit.teacher.server import read_token_file
+
+    t = cfg.teacher
+    if not t.url.startswith(("http://", "https://")):
+        raise OpdkitError(f"teacher.url: expected http://HOST:PORT or https://..., got {t.url!r}")
+    token = read_token_file(t.token_file, key="teacher.token_file") if t.token_file else None
+    api = t.api if t.api != "auto" else detect_api(t.url, token=token, timeout_s=t.timeout_s, retries=t.retries)
+    k = max(1, min(request.k, student_vocab_size)) if request.support != "full" else 1
+    if api == "opdkit":
+        return RemoteTeacher(t.url, support=request.support, top_k=k, temperature=cfg.rollout.temperature,
+                             student_vocab_size=student_vocab_size, drop_ids=drop_ids, token=token,
+                             timeout_s=t.timeout_s, retries=t.retries)
+    from opdkit.teacher.openai import OpenAITeacher
+
+    return OpenAITeacher.from_config(cfg, request, top_k=k, student_vocab_size=student_vocab_size,
+                                     drop_ids=drop_ids, token=token, student_tokenizer=student_tokenizer)
