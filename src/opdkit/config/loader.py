@@ -245,6 +245,7 @@ def _inert_rules(cfg: Config) -> list[tuple[str, bool, str]]:
         ("objective.special_token_mode", o.special_tokens == [], "objective.special_tokens is empty"),
         ("eval.temperature", cfg.eval.greedy, "eval.greedy=true decodes greedily"),
         ("eval.top_p", cfg.eval.greedy, "eval.greedy=true decodes greedily"),
+        ("rollout.vllm_kv_cache_gb", cfg.rollout.engine != "vllm", "it acts only with rollout.engine=vllm"),
         ("teacher.api", not remote, "it acts only with teacher.url"),
         ("teacher.token_file", not remote, "it acts only with teacher.url"),
         ("teacher.timeout_s", not remote, "it acts only with teacher.url"),

@@ -141,8 +141,11 @@ class RolloutConfig:
         choices=("auto", "sampler", "recompute"),
     )
     engine: str = _f(
-        "hf", "generation engine: Hugging Face generate; vllm is not supported yet (refused)", choices=("hf", "vllm")
+        "hf", "generation engine: hf (Hugging Face generate, the trainer's own module) or vllm (an in-process vLLM "
+        "engine, pip install 'opdkit[vllm]'; one process, weights synced before each rollout, pi_old recomputed)",
+        choices=("hf", "vllm")
     )
+    vllm_kv_cache_gb: float = _f(4.0, "GiB of KV cache for the vLLM engine (rollout.engine=vllm)", gt=0)
 
 
 @dataclass(frozen=True)

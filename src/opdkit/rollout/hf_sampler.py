@@ -131,6 +131,43 @@ def _processors():
     return _DrawProcessor, _StopStringRecorder
 
 
+def encode_prompts(tokenizer, prompts: Sequence[Prompt], *, chat: bool = True, max_prompt_tokens: int | None = None,
+                   tokenizer_path: str = "<tokenizer>") -> list[list[int]]:
+    """Token ids of each prompt (chat template with a generation prompt, or the raw string), the last
+    ``max_prompt_tokens`` of a longer one."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise InputError(f"prompts: expected a list of prompts, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise InputError("prompts: the list is empty; give at least one prompt")
+    out: list[list[int]] = []
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            f"tokenizer '{tokenizer_path}': has no chat template, so chat prompts cannot be rendered "
+            "(set a chat template, or pass raw string prompts with chat=False)"
+        )
+    for i, prompt in enumerate(prompts):
+        if chat:
+            if isinstance(prompt, str) or not isinstance(prompt, Sequence) or len(prompt) == 0:
+                raise InputError(
+                    f"prompts[{i}]: expected a non-empty list of {{'role', 'content'}} messages (or pass "
+                    f"chat=False for raw strings), got {type(prompt).__name__}"
+                )
+            for j, msg in enumerate(prompt):
+                if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
+                    raise InputError(f"prompts[{i}][{j}]: expected a dict with 'role' and 'content', got {msg!r}")
+            ids = render_chat(tokenizer, prompt)
+        else:
+            if not isinstance(prompt, str):
+                raise InputError(f"prompts[{i}]: expected a string with chat=False, got {type(prompt).__name__}")
+            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if len(ids) == 0:
+            raise InputError(f"prompts[{i}]: encodes to no tokens")
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            ids = ids[-max_prompt_tokens :]
+        out.append([int(t) for t in ids])
+    return out
+
+
 class HFSampler:
     """Samples student responses with ``model.generate`` and returns a :class:`RolloutBatch`.
 
@@ -223,37 +260,8 @@ class HFSampler:
     # ----------------------------------------------------------------------------------------- prompts
     def encode_prompts(self, prompts: Sequence[Prompt], *, chat: bool = True) -> list[list[int]]:
         """Token ids of each prompt (chat template with a generation prompt, or the raw string)."""
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-            raise InputError(f"prompts: expected a list of prompts, got {type(prompts).__name__}")
-        if len(prompts) == 0:
-            raise InputError("prompts: the list is empty; give at least one prompt")
-        out: list[list[int]] = []
-        if chat and not getattr(self.tokenizer, "chat_template", None):
-            raise InputError(
-                f"tokenizer '{self.tokenizer_path}': has no chat template, so chat prompts cannot be rendered "
-                "(set a chat template, or pass raw string prompts with chat=False)"
-            )
-        for i, prompt in enumerate(prompts):
-            if chat:
-                if isinstance(prompt, str) or not isinstance(prompt, Sequence) or len(prompt) == 0:
-                    raise InputError(
-                        f"prompts[{i}]: expected a non-empty list of {{'role', 'content'}} messages (or pass "
-                        f"chat=False for raw strings), got {type(prompt).__name__}"
-                    )
-                for j, msg in enumerate(prompt):
-                    if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
-                        raise InputError(f"prompts[{i}][{j}]: expected a dict with 'role' and 'content', got {msg!r}")
-                ids = render_chat(self.tokenizer, prompt)
-            else:
-                if not isinstance(prompt, str):
-                    raise InputError(f"prompts[{i}]: expected a string with chat=False, got {type(prompt).__name__}")
-                ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            if len(ids) == 0:
-                raise InputError(f"prompts[{i}]: encodes to no tokens")
-            if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-                ids = ids[-self.max_prompt_tokens :]
-            out.append([int(t) for t in ids])
-        return out
+        return encode_prompts(self.tokenizer, prompts, chat=chat, max_prompt_tokens=self.max_prompt_tokens,
+                              tokenizer_path=self.tokenizer_path)
 
     # ----------------------------------------------------------------------------------------- sampling
     def _logits_processors(self, prompt_len: int, seeds_B: torch.Tensor):

@@ -54,7 +54,7 @@ from opdkit.losses.support import add_sampled_token, drop_support_ids
 from opdkit.modeling import ModelingError, hidden_states, output_head, position_ids_from_mask, verify_output_head
 from opdkit.types import RolloutBatch, TeacherSignal
 
-__all__ = ["LocalTeacher", "SUPPORT_SOURCES", "position_ids_from_mask"]
+__all__ = ["LocalTeacher", "SUPPORT_SOURCES", "own_template_batch", "position_ids_from_mask"]
 
 SUPPORT_SOURCES = ("teacher_topk", "student_topk", "teacher_topk_plus_sampled", "full")
 
@@ -227,34 +227,7 @@ class LocalTeacher:
             )
 
     def _own_template_batch(self, batch: RolloutBatch, messages) -> RolloutBatch:
-        """The same responses after prompts re-rendered with the teacher's chat template (left-padded)."""
-        if self.tokenizer is None:
-            raise InputError("messages: scoring with the teacher's own chat template needs the teacher tokenizer")
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InputError("messages: the teacher tokenizer has no chat template")
-        B = batch.batch_size
-        if isinstance(messages, (str, bytes)) or len(messages) != B:
-            n = "a string" if isinstance(messages, (str, bytes)) else len(messages)
-            raise InputError(
-                f"messages: expected one conversation (list of message dicts) per sequence, B = {B}, got {n}"
-            )
-        prompts = [render_chat(self.tokenizer, conv) for conv in messages]
-        if not all(prompts):
-            raise InputError("messages: a conversation rendered to an empty prompt")
-        pad = self.tokenizer.pad_token_id
-        prompt_ids, prompt_att = left_pad(prompts, 0 if pad is None else int(pad), device=batch.input_ids_B_L.device)
-        P2 = prompt_ids.shape[1]
-        P = batch.prompt_len
-        from dataclasses import replace
-
-        return replace(
-            batch,
-            input_ids_B_L=torch.cat([prompt_ids.to(batch.input_ids_B_L.dtype), batch.input_ids_B_L[:, P:]], dim=1),
-            attention_mask_B_L=torch.cat(
-                [prompt_att.to(batch.attention_mask_B_L.dtype), batch.attention_mask_B_L[:, P:]], dim=1
-            ),
-            prompt_len=P2,
-        )
+        return own_template_batch(self.tokenizer, batch, messages)
 
     def _logits(self, hidden_N_H: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Tempered logits ``[N, V]`` in ``dtype`` (the model's own output transforms applied)."""
@@ -371,6 +344,37 @@ class LocalTeacher:
         )
 
     __call__ = score
+
+
+def own_template_batch(tokenizer, batch: RolloutBatch, messages) -> RolloutBatch:
+    """The same responses after prompts re-rendered with the teacher's chat template (left-padded)."""
+    if tokenizer is None:
+        raise InputError("messages: scoring with the teacher's own chat template needs the teacher tokenizer")
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("messages: the teacher tokenizer has no chat template")
+    B = batch.batch_size
+    if isinstance(messages, (str, bytes)) or len(messages) != B:
+        n = "a string" if isinstance(messages, (str, bytes)) else len(messages)
+        raise InputError(
+            f"messages: expected one conversation (list of message dicts) per sequence, B = {B}, got {n}"
+        )
+    prompts = [render_chat(tokenizer, conv) for conv in messages]
+    if not all(prompts):
+        raise InputError("messages: a conversation rendered to an empty prompt")
+    pad = tokenizer.pad_token_id
+    prompt_ids, prompt_att = left_pad(prompts, 0 if pad is None else int(pad), device=batch.input_ids_B_L.device)
+    P2 = prompt_ids.shape[1]
+    P = batch.prompt_len
+    from dataclasses import replace
+
+    return replace(
+        batch,
+        input_ids_B_L=torch.cat([prompt_ids.to(batch.input_ids_B_L.dtype), batch.input_ids_B_L[:, P:]], dim=1),
+        attention_mask_B_L=torch.cat(
+            [prompt_att.to(batch.attention_mask_B_L.dtype), batch.attention_mask_B_L[:, P:]], dim=1
+        ),
+        prompt_len=P2,
+    )
 
 
 def _describe(x: Any) -> str:

@@ -82,7 +82,9 @@ def _pi_old_from_sampler(cfg: Config, precision: Precision, objective) -> bool:
     """``rollout.old_logprobs`` resolved. The sampler's log-probs equal a teacher-forced pass's only when both
     run in float32 (generate's logits are float32 either way, a bf16 pass is not), and it records no top-K."""
     setting = cfg.rollout.old_logprobs
-    why = ("run.precision resolves to bf16 (the training passes would differ from generate's float32 logits)"
+    why = ("rollout.engine=vllm records only the truncated log-prob it sampled with"
+           if cfg.rollout.engine == "vllm" else
+           "run.precision resolves to bf16 (the training passes would differ from generate's float32 logits)"
            if precision.name != "fp32" else
            "objective.support=student_topk needs the student's own top-K, which only the student pass gives"
            if objective.student_topk else None)
@@ -141,9 +143,17 @@ def _absolute_benchmark(spec: str) -> str:
 
 
 def refuse_unsupported(cfg: Config) -> None:
-    """Settings that are declared but not supported yet: refused before anything is loaded."""
-    if cfg.rollout.engine != "hf":
-        raise OpdkitError(f"rollout.engine: {cfg.rollout.engine!r} is not supported yet; use 'hf'")
+    """Combinations that are not supported (yet): refused before anything is loaded."""
+    if cfg.rollout.engine == "vllm":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise OpdkitError("rollout.engine=vllm runs one process (an in-process engine beside the trainer); "
+                              "for several processes use rollout.engine=hf (see README, Scale-out)")
+        if cfg.model.lora_r > 0:
+            raise OpdkitError("rollout.engine=vllm with model.lora_r > 0 is not supported yet (the engine would "
+                              "need the adapters merged at every sync); use rollout.engine=hf")
+        if cfg.rollout.old_logprobs == "sampler":
+            raise OpdkitError("rollout.old_logprobs=sampler with rollout.engine=vllm: vLLM records the truncated "
+                              "log-prob it sampled with, not the untruncated pi_old; use auto or recompute")
     if cfg.model.path is None or (cfg.teacher.path is None and cfg.teacher.url is None):
         raise OpdkitError("model.path and teacher.path (or teacher.url) must be set to train")
 
@@ -385,8 +395,15 @@ def build_components(
 
     truncate = cfg.data.max_prompt_tokens if cfg.data.prompt_overflow == "truncate_left" else None
     pi_old_from_sampler = _pi_old_from_sampler(cfg, precision, objective)
+    vllm = None
+    if cfg.rollout.engine == "vllm":
+        ctx = context_length(inner)
+        vllm = {"model_dir": cfg.model.path, "dtype": "bfloat16" if precision.name == "bf16" else "float32",
+                "max_model_len": min(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, ctx or 1 << 30),
+                "kv_cache_gb": cfg.rollout.vllm_kv_cache_gb, "seed": cfg.rollout.seed,
+                "trust_remote_code": cfg.model.trust_remote_code}
     sampler = build_sampler(cfg.rollout, inner, tokenizer, generate_fn=generate_fn, max_prompt_tokens=truncate,
-                            record_stats=pi_old_from_sampler)
+                            record_stats=pi_old_from_sampler, vllm=vllm)
     if evaluator is None:
         evaluator = _build_evaluator(cfg, dist, generate_fn, eval_problems)
     head_description = objective.describe(output_head(inner))

