@@ -142,7 +142,7 @@ class RolloutConfig:
     )
     engine: str = _f(
         "hf", "generation engine: hf (Hugging Face generate, the trainer's own module) or vllm (an in-process vLLM "
-        "engine, pip install 'opdkit[vllm]'; one process, weights synced before each rollout, pi_old recomputed)",
+        "engine per process, pip install 'opdkit[vllm]'; weights synced before each rollout, pi_old recomputed)",
         choices=("hf", "vllm")
     )
     vllm_kv_cache_gb: float = _f(4.0, "GiB of KV cache for the vLLM engine (rollout.engine=vllm)", gt=0)

@@ -15,8 +15,11 @@ in-process vLLM engine (``vllm.LLM``) holding its own copy of the student's weig
   ratios need anyway.
 - Weights: before each ``sample`` the engine reloads the student's current weights through vLLM's
   ``reload_weights`` and resets its prefix cache (cached prompt blocks would otherwise keep the old
-  weights' keys and values). In one process on one device this is a copy. For vLLM on *other* GPUs
-  than the trainer (a separate server), the weights must travel (NCCL or files); see README "Scale-out".
+  weights' keys and values). In one process on one device this is a copy. Several processes (torchrun):
+  each runs its own engine on its own device and samples its own rows; under DDP each has the full weights,
+  under FSDP each shard is all-gathered one tensor at a time while the engine loads it (not run here: no
+  GPUs). vLLM on *other* GPUs than the trainer (a separate server) would need the weights sent over NCCL or
+  files, which opdkit does not do yet.
 - The pad token is never sampled unless it is an EOS token (a logit bias of -100, a factor e^-100 on its
   probability, the HF sampler's block in all but float rounding).
 - vLLM keeps its engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); its KV cache takes
@@ -54,6 +57,14 @@ def _import_vllm():
             f"build, see scripts/vllm_env.sh) ({exc})"
         ) from None
     return vllm
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP shard (DTensor) is all-gathered — one tensor at a time, in the same order
+    on every process, so each process's engine gets the full weights without a full copy in memory."""
+    t = t.detach()
+    full = getattr(t, "full_tensor", None)
+    return full() if full is not None else t
 
 
 class VLLMSampler:
@@ -124,7 +135,7 @@ class VLLMSampler:
         model = model if model is not None else self.model
         if model is None:
             return False
-        weights = ((name, t.detach()) for name, t in model.state_dict().items())
+        weights = ((name, _full(t)) for name, t in model.state_dict().items())
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()  # cached prompt blocks hold the old weights' keys and values
         self.syncs += 1
@@ -213,6 +224,14 @@ class VLLMSampler:
             prompt_index=tuple(index[i] for i in range(len(encoded)) for _ in range(n)),
             task_ids=tasks,
         )
+
+    def close(self) -> None:
+        """Shut the engine down now (it would at exit). vLLM's shutdown also destroys torch.distributed's
+        default process group, which it shares with the trainer: the trainer calls this last."""
+        core = getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        self.llm = None
 
     def decode(self, batch: RolloutBatch) -> list[str]:
         return [self.tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=False)

@@ -145,9 +145,6 @@ def _absolute_benchmark(spec: str) -> str:
 def refuse_unsupported(cfg: Config) -> None:
     """Combinations that are not supported (yet): refused before anything is loaded."""
     if cfg.rollout.engine == "vllm":
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise OpdkitError("rollout.engine=vllm runs one process (an in-process engine beside the trainer); "
-                              "for several processes use rollout.engine=hf (see README, Scale-out)")
         if cfg.model.lora_r > 0:
             raise OpdkitError("rollout.engine=vllm with model.lora_r > 0 is not supported yet (the engine would "
                               "need the adapters merged at every sync); use rollout.engine=hf")

@@ -279,8 +279,12 @@ class Trainer:
             if logger is not None:
                 logger.close()
         final = self.export()
-        if dist.world > 1:  # leave the process group cleanly (gloo can abort at exit otherwise)
-            self.c.accelerator.end_training()
+        close = getattr(self.c.sampler, "close", None)
+        if close is not None:  # vLLM's engine: its shutdown also leaves the process group
+            dist.barrier()
+            close()
+        if dist.world > 1 and torch.distributed.is_initialized():  # leave the process group cleanly (gloo
+            self.c.accelerator.end_training()  # can abort at exit otherwise)
         return TrainResult(self.run_dir, cfg.optim.total_steps, skipped, final, metrics)
 
     def _loop(self, start: int, counters: dict, logger, bar, stop: StopRequests, on_step):
