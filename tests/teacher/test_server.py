@@ -265,3 +265,15 @@ def test_a_server_that_is_not_opdkits_is_named():
             RemoteTeacher(f"http://127.0.0.1:{httpd.server_address[1]}", top_k=5, retries=0)
     finally:
         httpd.shutdown()
+
+
+def test_several_teacher_urls_are_shared_out_by_process():
+    from opdkit.errors import OpdkitError
+    from opdkit.teacher.connect import pick_url
+
+    urls = "http://10.0.0.7:8000, http://10.0.0.7:8001"
+    assert [pick_url(urls, r) for r in range(4)] == ["http://10.0.0.7:8000", "http://10.0.0.7:8001"] * 2
+    assert pick_url("http://h:1", 5) == "http://h:1"
+    for bad in ("http://h:1,,http://h:2", "h:8000"):
+        with pytest.raises(OpdkitError, match="teacher.url"):
+            pick_url(bad, 0)

@@ -217,7 +217,8 @@ def _check_combinations(cfg: Config, origins: Mapping[str, str], source: str) ->
             f"optim.warmup_steps ({opt.warmup_steps}) must not exceed optim.total_steps ({opt.total_steps})",
         )
     if t.path is not None and t.url is not None:
-        raise _error(where("teacher.url", "teacher.path"), "set teacher.path or teacher.url, not both")
+        raise _error(where("teacher.url", "teacher.path"),
+                     "set teacher.path or teacher.url, not both (teacher.path=null clears a path the file sets)")
     _check_inert(cfg, where)
 
 

@@ -82,7 +82,8 @@ class TeacherConfig:
     url: str | None = _f(
         None,
         "address of a remote teacher instead of path: an `opdkit serve-teacher` server (http://HOST:PORT) or a "
-        "vLLM OpenAI-compatible server (teacher.api=openai)",
+        "vLLM OpenAI-compatible server (teacher.api=openai); several servers of one teacher, comma-separated: "
+        "process r of a multi-process run uses the (r mod n)-th",
     )
     api: str = _f(
         "auto",

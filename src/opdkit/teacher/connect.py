@@ -11,7 +11,19 @@ from collections.abc import Sequence
 from opdkit.config import Config
 from opdkit.errors import OpdkitError
 
-__all__ = ["connect_teacher", "detect_api"]
+__all__ = ["connect_teacher", "detect_api", "pick_url"]
+
+
+def pick_url(urls: str, rank: int) -> str:
+    """``teacher.url`` may list several servers of one teacher, comma-separated: process ``rank`` of a
+    multi-process run talks to the ``rank mod n``-th (one teacher GPU serves several trainer processes)."""
+    parts = [u.strip() for u in urls.split(",")]
+    if not all(parts):
+        raise OpdkitError(f"teacher.url: an empty entry in {urls!r} (expected URL[,URL...])")
+    for u in parts:
+        if not u.startswith(("http://", "https://")):
+            raise OpdkitError(f"teacher.url: expected http://HOST:PORT or https://..., got {u!r}")
+    return parts[rank % len(parts)]
 
 
 def detect_api(url: str, *, token: str | None, timeout_s: float, retries: int) -> str:
@@ -33,20 +45,21 @@ def detect_api(url: str, *, token: str | None, timeout_s: float, retries: int) -
 def connect_teacher(cfg: Config, request, *, student_vocab_size: int, drop_ids: Sequence[int] = (),
                     student_tokenizer=None):
     """The remote teacher of ``cfg.teacher`` (``url`` set) answering ``request``."""
+    import os
+
     from opdkit.teacher.remote import RemoteTeacher
     from opdkit.teacher.server import read_token_file
 
     t = cfg.teacher
-    if not t.url.startswith(("http://", "https://")):
-        raise OpdkitError(f"teacher.url: expected http://HOST:PORT or https://..., got {t.url!r}")
+    url = pick_url(t.url, int(os.environ.get("RANK", "0")))
     token = read_token_file(t.token_file, key="teacher.token_file") if t.token_file else None
-    api = t.api if t.api != "auto" else detect_api(t.url, token=token, timeout_s=t.timeout_s, retries=t.retries)
+    api = t.api if t.api != "auto" else detect_api(url, token=token, timeout_s=t.timeout_s, retries=t.retries)
     k = max(1, min(request.k, student_vocab_size)) if request.support != "full" else 1
     if api == "opdkit":
-        return RemoteTeacher(t.url, support=request.support, top_k=k, temperature=cfg.rollout.temperature,
+        return RemoteTeacher(url, support=request.support, top_k=k, temperature=cfg.rollout.temperature,
                              student_vocab_size=student_vocab_size, drop_ids=drop_ids, token=token,
                              timeout_s=t.timeout_s, retries=t.retries)
     from opdkit.teacher.openai import OpenAITeacher
 
-    return OpenAITeacher.from_config(cfg, request, top_k=k, student_vocab_size=student_vocab_size,
+    return OpenAITeacher.from_config(cfg, request, url=url, top_k=k, student_vocab_size=student_vocab_size,
                                      drop_ids=drop_ids, token=token, student_tokenizer=student_tokenizer)

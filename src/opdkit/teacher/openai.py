@@ -221,7 +221,7 @@ class OpenAITeacher:
     __call__ = score
 
     @classmethod
-    def from_config(cls, cfg, request, *, top_k: int, student_vocab_size: int, drop_ids=(), token=None,
+    def from_config(cls, cfg, request, *, url: str, top_k: int, student_vocab_size: int, drop_ids=(), token=None,
                     student_tokenizer=None) -> OpenAITeacher:
         t = cfg.teacher
         tokenizer = student_tokenizer
@@ -232,6 +232,6 @@ class OpenAITeacher:
                 tokenizer = load_tokenizer(t.tokenizer_path, trust_remote_code=False)
             except ModelLoadError as exc:
                 raise ModelLoadError(f"teacher.tokenizer_path: {exc}") from None
-        return cls(t.url, tokenizer, support=request.support, top_k=top_k, temperature=cfg.rollout.temperature,
+        return cls(url, tokenizer, support=request.support, top_k=top_k, temperature=cfg.rollout.temperature,
                    student_vocab_size=student_vocab_size, drop_ids=drop_ids, model=t.served_model, token=token,
                    timeout_s=t.timeout_s, retries=t.retries)
