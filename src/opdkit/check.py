@@ -458,8 +458,12 @@ def run_check(
     min_logprob: float = DEFAULT_MIN_LOGPROB,
     conversation: Sequence[dict] | None = None,
     chat_template: str = "model",
+    token_file: str | None = None,
 ) -> CheckReport:
     """Load both tokenizers, the student's config and the teacher model, and run :func:`check_pair`.
+
+    ``teacher_dir`` may be the URL of an ``opdkit serve-teacher`` server (``token_file``: its bearer token):
+    its tokenizer and vocabulary are checked; the dry run, which needs the teacher's weights, is skipped.
 
     ``chat_template``: the student's template, as ``model.chat_template`` (``model``, ``none`` or a file)."""
     from opdkit.hf import ModelLoadError, load_causal_lm, load_tokenizer
@@ -475,22 +479,33 @@ def run_check(
         from opdkit.data.chat import apply_chat_template_setting
 
         apply_chat_template_setting(s_tok, chat_template, key="--chat-template")
-    t_tok = named("teacher", load_tokenizer, teacher_dir, trust_remote_code=trust_remote_code)
     s_rows = named("student", _student_rows, student_dir, trust_remote_code)
-    teacher_model = named("teacher", load_causal_lm, teacher_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-                          device=device)
+    teacher_rows = None
+    if str(teacher_dir).startswith(("http://", "https://")):  # an opdkit teacher server: its tokenizer and rows
+        from opdkit.teacher.connect import pick_url
+        from opdkit.teacher.remote import RemoteTeacher
+        from opdkit.teacher.server import read_token_file
+
+        token = read_token_file(token_file, key="--token-file") if token_file else None
+        remote = RemoteTeacher(pick_url(str(teacher_dir), 0), top_k=1, token=token, retries=2)
+        t_tok, teacher_rows, teacher_model = remote.tokenizer, remote.vocab_size, None
+    else:
+        t_tok = named("teacher", load_tokenizer, teacher_dir, trust_remote_code=trust_remote_code)
+        teacher_model = named("teacher", load_causal_lm, teacher_dir, dtype=dtype,
+                              trust_remote_code=trust_remote_code, device=device)
     report = check_pair(
         s_tok,
         t_tok,
         student_rows=s_rows,
         teacher_model=teacher_model,
+        teacher_rows=teacher_rows,
         student=str(student_dir),
         teacher=str(teacher_dir),
         conversation=conversation,
         min_logprob=min_logprob,
         device=device,
     )
-    same = _same_model(student_dir, teacher_dir)
+    same = None if teacher_model is None else _same_model(student_dir, teacher_dir)
     if same:
         report.warnings.insert(0, f"the student and the teacher are {same}: distilling a model into itself changes "
                                   "nothing (every divergence is 0)")

@@ -269,7 +269,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from opdkit.check import run_check
 
     report = run_check(args.student, args.teacher, trust_remote_code=args.trust_remote_code,
-                       device=_device(args.device, "--device"), chat_template=args.chat_template)
+                       device=_device(args.device, "--device"), chat_template=args.chat_template,
+                       token_file=args.token_file)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     return 0 if report.ok else 1
 
@@ -419,7 +420,9 @@ exit status: 0 done; 2 bad input; 75 interrupted (samples so far kept: run the s
         "Exit status 1 on a hard mismatch (training would refuse to start).",
     )
     p.add_argument("--student", required=True, help="student model directory")
-    p.add_argument("--teacher", required=True, help="teacher model directory")
+    p.add_argument("--teacher", required=True, help="teacher model directory, or the http://HOST:PORT of an opdkit "
+                   "teacher server (its tokenizer and vocabulary are checked; the dry run needs the weights)")
+    p.add_argument("--token-file", default=None, metavar="FILE", help="the teacher server's bearer token")
     p.add_argument("--device", default=None, help="device for the teacher's dry run (default: CPU)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--chat-template", default="model", metavar="model|none|FILE",
@@ -450,12 +453,13 @@ example:
     )
     p.add_argument("--model", required=True, metavar="DIR", help="the teacher: a Hugging Face causal-LM directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine "
-                   "only; 0.0.0.0 for every interface, with --token-file)")
+                   "only; 0.0.0.0 for every interface: set --token-file too, or anyone who reaches the port may use "
+                   "the teacher)")
     p.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0 = any free port, printed)")
     p.add_argument("--token-file", default=None, metavar="FILE",
                    help="a file holding a bearer token every request must carry")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
-                   help="weights dtype (default %(default)s; bfloat16 on a GPU)")
+                   help="weights dtype (default %(default)s; use bfloat16 on a GPU: half the memory, and faster)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--chunk-size", type=_positive("--chunk-size"), default=256,
                    help="response positions per LM-head chunk: memory O(chunk x vocab) (default %(default)s)")

@@ -111,7 +111,11 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, teacher_dir):
         "garbage": (b"\x00" * 3 + b"not safetensors at all", 400, "safetensors"),
         "huge header length": ((10**12).to_bytes(8, "little") + b"{}", 400, "header length"),
         "no params": (save({"input_ids": torch.zeros(1, 2, dtype=torch.int32)}), 400, "wire format"),
-        "id out of range": (encode_request(make_batch(V + 50, seed=3), p), 400, "sampled_ids"),
+        "id out of range": (encode_request(make_batch(V + 50, seed=3), p), 400, "ids at attended positions"),
+        "infinite temperature": (encode_request(batch, ScoreParams(top_k=5, temperature=float("inf"))), 400,
+                                 "temperature"),
+        "huge drop id": (encode_request(batch, ScoreParams(top_k=5, drop_ids=(10**30,))), 400, "drop_ids"),
+        "bad messages": (encode_request(batch, p, messages=["hi"] * batch.batch_size), 400, "params.messages"),
         "float ids": (save({"input_ids": torch.zeros(2, 3), "attention_mask": torch.zeros(2, 3, dtype=torch.uint8),
                             "response_mask": torch.zeros(2, 1, dtype=torch.uint8),
                             "sampled_ids": torch.zeros(2, 1, dtype=torch.int32)},
@@ -119,7 +123,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, teacher_dir):
                                      '"top_k": 5, "temperature": 1.0}'}), 400, "integer tensor"),
         "bad support": (encode_request(batch, ScoreParams(support="bogus", top_k=5)), 400, "support"),
         "bad temperature": (encode_request(batch, ScoreParams(top_k=5, temperature=-1.0)), 400, "temperature"),
-        "K over the limit": (encode_request(batch, ScoreParams(top_k=65)), 413, "top_k = 65"),
+        "K over the limit": (encode_request(batch, ScoreParams(top_k=65)), 413, "--max-top-k"),
         "too many sequences": (encode_request(make_batch(V, prompt_lens=(2,) * 33, resp_lens=(2,) * 33), p), 413,
                                "33 sequences"),
         "body over 1 MiB": (good + b"\x00" * (1 << 20), 413, "request body"),
@@ -181,22 +185,67 @@ def test_unreachable_server_is_a_clear_error():
         RemoteTeacher("http://127.0.0.1:9", retries=2, backoff_s=0.01)
 
 
-def test_a_server_restarted_with_another_teacher_is_refused(tmp_path, tiny_model_dirs):
-    batch = make_batch(200)
-    with served(tiny_model_dirs["llama"]) as (url, proc):
-        port = int(url.rsplit(":", 1)[1])
-        remote = RemoteTeacher(url, top_k=5)
-        remote.score(batch)
-        # another tokenizer behind the same address
-        from opdkit.tiny import build_tiny_model, save_model_dir, train_tokenizer
-        from tests.tiny_models import corpus
+def test_a_server_restarted_with_another_teacher_is_refused(tmp_path, tiny_model_dirs, tiny_tokenizer):
+    from opdkit.tiny import build_tiny_model, save_model_dir, train_tokenizer
+    from tests.tiny_models import corpus
 
-        tok = train_tokenizer(corpus(seed=1) + ["another tokenizer"], vocab_size=300)
-        other = save_model_dir(build_tiny_model(tok, arch="llama", seed=5), tok, tmp_path / "other")
-        stop(proc)
-        with served(other, port=port):
-            with pytest.raises(TeacherServerError, match="tokenizer_sha256 .* another teacher"):
-                remote.score(batch)
+    batch = make_batch(200)
+    same_tok = save_model_dir(build_tiny_model(tiny_tokenizer, arch="llama", seed=7), tiny_tokenizer, tmp_path / "w")
+    tok = train_tokenizer(corpus(seed=1) + ["another tokenizer"], vocab_size=300)
+    other_tok = save_model_dir(build_tiny_model(tok, arch="llama", seed=5), tok, tmp_path / "t")
+    for other, words in ((same_tok, "model_sha256"), (other_tok, "model_sha256|tokenizer_sha256")):
+        with served(tiny_model_dirs["llama"]) as (url, proc):
+            port = int(url.rsplit(":", 1)[1])
+            remote = RemoteTeacher(url, top_k=5, backoff_s=0.1)
+            remote.score(batch)
+            stop(proc)
+            with served(other, port=port):
+                with pytest.raises(TeacherServerError, match=f"({words}).*another teacher|another teacher.*({words})"):
+                    remote.score(batch)
+
+
+def test_one_bad_request_among_concurrent_ones_fails_alone(server, teacher_dir):
+    V = _vocab(teacher_dir)
+    good = make_batch(V)
+    bad = make_batch(V)
+    bad.input_ids_B_L[0, -3] = V + 7  # a prompt id past the vocabulary, at an attended position
+    bodies = [encode_request(good, ScoreParams(top_k=5))] * 12 + [encode_request(bad, ScoreParams(top_k=5))] * 4
+    results: dict = {}
+
+    def post(i):
+        results[i] = _post(server, bodies[i]).status_code
+
+    for _ in range(3):  # sent together, so that the server merges them
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [results[i] for i in range(12)] == [200] * 12
+        assert [results[i] for i in range(12, 16)] == [400] * 4
+
+
+def test_client_splits_batches_and_checks_limits_at_connect(server, teacher_dir):
+    V = _vocab(teacher_dir)
+    big = make_batch(V, prompt_lens=tuple(1 + i % 6 for i in range(40)), resp_lens=tuple(i % 5 for i in range(40)))
+    remote = RemoteTeacher(server, top_k=5)  # the module's server takes at most 32 sequences per request
+    _assert_same(remote.score(big), LocalTeacher.from_pretrained(teacher_dir, top_k=5).score(big))
+    with pytest.raises(TeacherServerError, match="objective.top_k=65: .*at most K = 64 .*--max-top-k 65"):
+        RemoteTeacher(server, top_k=65)
+    with pytest.raises(TeacherServerError, match="rollout.max_new_tokens = 40000 tokens .*--max-seq-len"):
+        remote.check_sequence_length(40000, keys="rollout.max_new_tokens")
+
+
+def test_a_read_timeout_is_not_retried(server, teacher_dir):
+    V = _vocab(teacher_dir)
+    big = make_batch(V, prompt_lens=(30,) * 32, resp_lens=(60,) * 32)
+    remote = RemoteTeacher(server, top_k=5, retries=3)
+    remote._client.timeout = httpx.Timeout(0.001)  # connected; now a request the server cannot answer in time
+    before = httpx.get(f"{server}/health").json()["stats"]["requests"]
+    with pytest.raises(TeacherServerError, match="teacher.timeout_s: .*did not answer within 0.001 s"):
+        remote.score(big)
+    time.sleep(2.0)
+    assert httpx.get(f"{server}/health").json()["stats"]["requests"] - before <= 1  # sent once, not 4 times
 
 
 def test_sixteen_concurrent_clients(teacher_dir):
@@ -246,6 +295,18 @@ def test_client_refuses_bad_arguments(server):
         remote.score(make_batch(100), student_support_ids_B_T_K=torch.zeros(4, 7, 3, dtype=torch.long))
 
 
+def test_token_files_are_checked(tmp_path):
+    from opdkit.errors import OpdkitError
+    from opdkit.teacher.server import read_token_file
+
+    for text, words in (("", "an empty file"), ("two words", "other characters"), ("tökén", "other characters")):
+        (tmp_path / "t").write_text(text)
+        with pytest.raises(OpdkitError, match=f"teacher.token_file: .*printable ASCII.*{words}"):
+            read_token_file(tmp_path / "t", key="teacher.token_file")
+    with pytest.raises(OpdkitError, match="cannot read"):
+        read_token_file(tmp_path / "missing", key="--token-file")
+
+
 def test_a_server_that_is_not_opdkits_is_named():
     """A plain HTTP server whose /health answers 200 without opdkit's JSON (as vLLM's does)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -258,13 +319,30 @@ def test_a_server_that_is_not_opdkits_is_named():
         def log_message(self, *a):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    class NotFound(Handler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(404)
+            self.send_header("content-type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<!DOCTYPE HTML><html>nope</html>")
+
+    from opdkit.teacher.connect import detect_api
+
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), h) for h in (Handler, NotFound)]
+    for httpd in servers:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
+        url = f"http://127.0.0.1:{servers[0].server_address[1]}"
         with pytest.raises(TeacherServerError, match="is not an opdkit teacher server.*teacher.api=openai"):
-            RemoteTeacher(f"http://127.0.0.1:{httpd.server_address[1]}", top_k=5, retries=0)
+            RemoteTeacher(url, top_k=5, retries=0)
+        url404 = f"http://127.0.0.1:{servers[1].server_address[1]}"
+        with pytest.raises(TeacherServerError, match="neither an opdkit teacher server .* nor an OpenAI-compatible"):
+            detect_api(url404, token=None, timeout_s=5, retries=0)
+        with pytest.raises(TeacherServerError, match="an HTML page: is this the server's root address"):
+            RemoteTeacher(url404, top_k=5, retries=0)
     finally:
-        httpd.shutdown()
+        for httpd in servers:
+            httpd.shutdown()
 
 
 def test_several_teacher_urls_are_shared_out_by_process():
@@ -274,6 +352,17 @@ def test_several_teacher_urls_are_shared_out_by_process():
     urls = "http://10.0.0.7:8000, http://10.0.0.7:8001"
     assert [pick_url(urls, r) for r in range(4)] == ["http://10.0.0.7:8000", "http://10.0.0.7:8001"] * 2
     assert pick_url("http://h:1", 5) == "http://h:1"
-    for bad in ("http://h:1,,http://h:2", "h:8000"):
+    for bad in ("http://h:1,,http://h:2", "h:8000", "http://h:8000/v1"):
         with pytest.raises(OpdkitError, match="teacher.url"):
             pick_url(bad, 0)
+
+
+def test_opdkit_check_against_a_teacher_server(server, tiny_model_dirs, capsys):
+    from opdkit.cli import main
+
+    assert main(["check", "--student", str(tiny_model_dirs["qwen2"]), "--teacher", server, "--json"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert report["teacher"] == server and report["ok"]
+    assert any("dry-run rollout was skipped" in n for n in report["notes"])

@@ -20,25 +20,37 @@ def pick_url(urls: str, rank: int) -> str:
     parts = [u.strip() for u in urls.split(",")]
     if not all(parts):
         raise OpdkitError(f"teacher.url: an empty entry in {urls!r} (expected URL[,URL...])")
+    from urllib.parse import urlsplit
+
     for u in parts:
         if not u.startswith(("http://", "https://")):
             raise OpdkitError(f"teacher.url: expected http://HOST:PORT or https://..., got {u!r}")
+        if urlsplit(u).path not in ("", "/") or urlsplit(u).query:
+            raise OpdkitError(f"teacher.url: {u!r} has a path; give the server's root address (http://HOST:PORT)")
     return parts[rank % len(parts)]
 
 
 def detect_api(url: str, *, token: str | None, timeout_s: float, retries: int) -> str:
     """``"opdkit"`` or ``"openai"``, from what the server at ``url`` answers."""
-    from opdkit.teacher.remote import http_client, request_with_retries
+    from opdkit.teacher.remote import TeacherServerError, http_client, request_with_retries
 
     with http_client(url, token=token, timeout_s=timeout_s) as client:
-        r = request_with_retries(client, "GET", "/health", retries=retries, backoff_s=0.5, what="teacher server")
         try:
+            r = request_with_retries(client, "GET", "/health", retries=retries, backoff_s=0.5, what="teacher server")
             j = r.json()
-        except ValueError:
+        except (TeacherServerError, ValueError) as exc:
+            if "did not answer after" in str(exc) or "refused the request (401" in str(exc):
+                raise
             j = None
         if isinstance(j, dict) and "opdkit" in j:
             return "opdkit"
-        request_with_retries(client, "GET", "/v1/models", retries=0, backoff_s=0.5, what="teacher server")
+        try:
+            request_with_retries(client, "GET", "/v1/models", retries=0, backoff_s=0.5, what="teacher server")
+        except TeacherServerError:
+            raise TeacherServerError(
+                f"teacher.url: {url} is neither an opdkit teacher server (GET /health) nor an OpenAI-compatible "
+                "vLLM server (GET /v1/models); give the server's root address (http://HOST:PORT)"
+            ) from None
         return "openai"
 
 
@@ -56,9 +68,16 @@ def connect_teacher(cfg: Config, request, *, student_vocab_size: int, drop_ids: 
     api = t.api if t.api != "auto" else detect_api(url, token=token, timeout_s=t.timeout_s, retries=t.retries)
     k = max(1, min(request.k, student_vocab_size)) if request.support != "full" else 1
     if api == "opdkit":
-        return RemoteTeacher(url, support=request.support, top_k=k, temperature=cfg.rollout.temperature,
-                             student_vocab_size=student_vocab_size, drop_ids=drop_ids, token=token,
-                             timeout_s=t.timeout_s, retries=t.retries)
+        for key in ("served_model", "tokenizer_path"):
+            if getattr(t, key) is not None:
+                raise OpdkitError(f"teacher.{key}: {url} is an opdkit teacher server, where it has no effect (it "
+                                  "acts with a vLLM server); remove it")
+        teacher = RemoteTeacher(url, support=request.support, top_k=k, temperature=cfg.rollout.temperature,
+                                student_vocab_size=student_vocab_size, drop_ids=drop_ids, token=token,
+                                timeout_s=t.timeout_s, retries=t.retries)
+        teacher.check_sequence_length(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                                      keys="data.max_prompt_tokens + rollout.max_new_tokens")
+        return teacher
     from opdkit.teacher.openai import OpenAITeacher
 
     return OpenAITeacher.from_config(cfg, request, url=url, top_k=k, student_vocab_size=student_vocab_size,

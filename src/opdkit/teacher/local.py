@@ -12,8 +12,9 @@ a plain ``model(input_ids).logits``. The logits of response position ``t`` come 
 ``P + t - 1`` (``P`` = padded prompt length).
 
 Positions. ``position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)`` is passed explicitly, so a
-left-padded sequence is scored exactly like the same sequence without padding (a plain HF forward
-would count the pad columns as positions).
+left-padded sequence is scored like the same sequence without padding (a plain HF forward would count the
+pad columns as positions) — the same positions and attention, up to float rounding: a longer padded row
+changes the kernels' summation, by ~1e-6 in the log-probs.
 
 Precision. The LM head runs in the model's dtype (e.g. bfloat16); temperature, log-softmax, top-K and
 log-sum-exp are computed in float32 (float64 if the model is float64). Returned log-probs are float32
@@ -42,6 +43,7 @@ constants inside the student's autograd graph, which inference tensors cannot be
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -121,8 +123,9 @@ class LocalTeacher:
         self.vocab_size = head.rows
         self.top_k = _check_pos_int("top_k", top_k)
         self.chunk_size = _check_pos_int("chunk_size", chunk_size)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise InputError(f"temperature: expected a number > 0, got {temperature!r}")
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0
+                or not math.isfinite(temperature)):
+            raise InputError(f"temperature: expected a finite number > 0, got {temperature!r}")
         self.temperature = float(temperature)
         if support not in SUPPORT_SOURCES:
             raise InputError(f"support: expected one of {', '.join(SUPPORT_SOURCES)}, got {support!r}")
@@ -272,8 +275,11 @@ class LocalTeacher:
             batch = self._own_template_batch(batch, messages)
 
         dev = self.device
-        input_ids = batch.input_ids_B_L.to(dev)
         att = batch.attention_mask_B_L.to(dev).long()
+        # padding columns may hold any id (they are never attended to); the embedding still reads them
+        input_ids = batch.input_ids_B_L.to(dev).masked_fill(att == 0, 0)
+        if input_ids.numel() and (int(input_ids.max()) >= self.vocab_size or int(input_ids.min()) < 0):
+            raise InputError(f"batch.input_ids_B_L: ids at attended positions must be in [0, {self.vocab_size})")
         P = batch.prompt_len
         mask_N = (batch.response_mask_B_T.to(dev) != 0).reshape(-1)
         sampled_N = batch.sampled_ids_B_T.to(dev).long().reshape(-1)

@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from opdkit.errors import InputError, OpdkitError
 from opdkit.types import RolloutBatch, TeacherSignal
 
@@ -44,9 +46,13 @@ def http_client(url: str, *, token: str | None, timeout_s: float):
 
 
 def request_with_retries(client, method: str, path: str, *, retries: int, backoff_s: float, what: str,
-                         token_key: str = "teacher.token_file", **kw):
-    """``client.request`` with retries on transport errors and 429/502/503/504; raises ``TeacherServerError``
-    naming the server and the last failure."""
+                         token_key: str = "teacher.token_file", stats: dict | None = None, **kw):
+    """``client.request`` with retries on connection failures and 429/502/503/504; raises
+    ``TeacherServerError`` naming the server and the last failure. A read time-out is not retried: the
+    server is still working on the request, and sending it again would only queue the same work twice.
+    ``stats["attempts"]`` receives the number of tries."""
+    import sys
+
     import httpx
 
     url = f"{client.base_url}{path}"
@@ -54,10 +60,21 @@ def request_with_retries(client, method: str, path: str, *, retries: int, backof
     start = time.monotonic()
     for attempt in range(retries + 1):
         if attempt:
+            if attempt == 1:
+                print(f"opdkit: the {what} at {url} failed ({last}); retrying up to {retries} times with "
+                      "back-off (teacher.retries)", file=sys.stderr, flush=True)
             # full jitter keeps many clients (processes of one run) from retrying in lockstep
             time.sleep(min(30.0, backoff_s * 2 ** (attempt - 1)) * (0.5 + 0.5 * random.random()))
+        if stats is not None:
+            stats["attempts"] = attempt + 1
         try:
             r = client.request(method, path, **kw)
+        except (httpx.ReadTimeout, httpx.WriteTimeout):
+            timeout = client.timeout.read
+            raise TeacherServerError(
+                f"teacher.timeout_s: the {what} at {url} did not answer within {timeout:g} s; a large batch on a "
+                "slow or busy teacher needs a larger teacher.timeout_s"
+            ) from None
         except httpx.TransportError as exc:
             last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             continue
@@ -79,6 +96,8 @@ def _message(r) -> str:
     try:
         j = r.json()
     except ValueError:
+        if "html" in r.headers.get("content-type", ""):
+            return f"{r.reason_phrase} (an HTML page: is this the server's root address?)"
         return r.text[:300] or r.reason_phrase
     if isinstance(j, dict):
         for k in ("error", "detail", "message"):
@@ -86,6 +105,20 @@ def _message(r) -> str:
                 v = j[k]
                 return (v.get("message") if isinstance(v, dict) and "message" in v else str(v))[:500]
     return str(j)[:300]
+
+
+def _rows(batch: RolloutBatch, rows: slice) -> RolloutBatch:
+    """Sequences ``rows`` of ``batch`` (the fields a teacher reads)."""
+    from dataclasses import replace
+
+    return replace(batch, input_ids_B_L=batch.input_ids_B_L[rows], attention_mask_B_L=batch.attention_mask_B_L[rows],
+                   response_mask_B_T=batch.response_mask_B_T[rows], sampled_ids_B_T=batch.sampled_ids_B_T[rows],
+                   old_logprobs_B_T=batch.old_logprobs_B_T[rows],
+                   sampling_logprobs_B_T=batch.sampling_logprobs_B_T[rows],
+                   finish_reason=batch.finish_reason[rows], prompt_index=batch.prompt_index[rows],
+                   task_ids=batch.task_ids[rows] if batch.task_ids else (),
+                   turn_bounds=batch.turn_bounds[rows] if batch.turn_bounds else (),
+                   entropy_B_T=None, logsumexp_B_T=None)
 
 
 class RemoteTeacher:
@@ -123,8 +156,13 @@ class RemoteTeacher:
             student_vocab_size = self.vocab_size
         self.params = ScoreParams(support=support, top_k=int(top_k), temperature=float(temperature),
                                   student_vocab_size=student_vocab_size, drop_ids=tuple(int(i) for i in drop_ids))
+        self.limits = self.info.get("limits") or {}
+        if support not in ("full", "student_topk") and top_k > self.limits.get("max_top_k", top_k):
+            raise TeacherServerError(f"objective.top_k={top_k}: the teacher server at {self.url} takes at most "
+                                     f"K = {self.limits['max_top_k']} (restart it with --max-top-k {top_k})")
         self.tokenizer = self._fetch_tokenizer()
-        self._expect = {"tokenizer_sha256": self.info["tokenizer_sha256"], "vocab_size": str(self.vocab_size)}
+        self._expect = {"tokenizer_sha256": self.info["tokenizer_sha256"], "vocab_size": str(self.vocab_size),
+                        "model_sha256": str(self.info.get("model_sha256"))}
 
     def _get(self, path: str):
         return request_with_retries(self._client, "GET", path, retries=self.retries, backoff_s=self.backoff_s,
@@ -156,20 +194,63 @@ class RemoteTeacher:
     def model_sha256(self) -> str | None:
         return self.info.get("model_sha256")
 
+    def check_sequence_length(self, max_len: int, *, keys: str) -> None:
+        """Refuse at start-up a run whose sequences (``max_len`` tokens, from ``keys``) the server would refuse."""
+        limit = self.limits.get("max_seq_len")
+        if limit is not None and max_len > limit:
+            raise TeacherServerError(f"{keys} = {max_len} tokens per sequence: the teacher server at {self.url} "
+                                     f"scores at most {limit} (its --max-seq-len, or its model's context)")
+
+    def _same_teacher(self) -> None:
+        """After an outage or a refusal: is the server still the teacher this client started with?"""
+        try:
+            now = self._client.get("/health").json()
+        except Exception:  # noqa: BLE001 - unreachable again: the caller's error stands
+            return
+        for k in ("model_sha256", "tokenizer_sha256", "vocab_size"):
+            if isinstance(now, dict) and str(now.get(k)) != str(self.info.get(k)):
+                raise TeacherServerError(
+                    f"teacher.url: the server at {self.url} now serves another teacher than at the start ({k} "
+                    f"{self.info.get(k)!r} -> {now.get(k)!r}); restart it with the run's teacher"
+                )
+
     def score(self, batch: RolloutBatch, *, student_support_ids_B_T_K=None,
               messages: Sequence[Sequence[dict]] | None = None) -> TeacherSignal:
-        """As ``LocalTeacher.score``, over HTTP; the signal comes back on the batch's device."""
-        from opdkit.teacher.wire import decode_signal, encode_request
-
+        """As ``LocalTeacher.score``, over HTTP (in several requests if the batch has more sequences than the
+        server takes); the signal comes back on the batch's device."""
         if not isinstance(batch, RolloutBatch):
             raise InputError(f"batch: expected a RolloutBatch, got {type(batch).__name__}")
         if (student_support_ids_B_T_K is not None) != (self.support == "student_topk"):
             raise InputError("student_support_ids_B_T_K: required with support='student_topk' and only there")
-        body = encode_request(batch, self.params, student_support_ids_B_T_K=student_support_ids_B_T_K,
-                              messages=messages)
-        r = request_with_retries(self._client, "POST", "/v1/score", content=body, retries=self.retries,
-                                 backoff_s=self.backoff_s, what="teacher server",
-                                 headers={"content-type": "application/octet-stream"})
+        B = batch.batch_size
+        step = max(1, int(self.limits.get("max_sequences", B)))
+        parts = []
+        for a in range(0, B, step):  # a batch larger than the server takes goes in several requests
+            rows = slice(a, min(B, a + step))
+            part = batch if step >= B else _rows(batch, rows)
+            sup = None if student_support_ids_B_T_K is None else student_support_ids_B_T_K[rows]
+            msgs = None if messages is None else list(messages)[rows]
+            parts.append(self._score_part(part, sup, msgs))
+        if len(parts) == 1:
+            return parts[0]
+        return TeacherSignal(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                               ("support_ids_B_T_K", "teacher_logprobs_B_T_K", "sampled_logprobs_B_T",
+                                "logsumexp_B_T")))
+
+    def _score_part(self, batch: RolloutBatch, sup, messages) -> TeacherSignal:
+        from opdkit.teacher.wire import decode_signal, encode_request
+
+        body = encode_request(batch, self.params, student_support_ids_B_T_K=sup, messages=messages)
+        stats: dict = {}
+        try:
+            r = request_with_retries(self._client, "POST", "/v1/score", content=body, retries=self.retries,
+                                     backoff_s=self.backoff_s, what="teacher server", stats=stats,
+                                     headers={"content-type": "application/octet-stream"})
+        except TeacherServerError:
+            self._same_teacher()  # a refusal may come from a server that now runs another teacher
+            raise
+        if stats.get("attempts", 1) > 1:
+            self._same_teacher()
         try:
             return decode_signal(r.content, batch.response_mask_B_T, device=batch.input_ids_B_L.device,
                                  expect=self._expect)

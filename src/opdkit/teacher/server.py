@@ -49,6 +49,7 @@ class ServerLimits:
     max_top_k: int = 1024  # support size of a top-K request
     max_response_bytes: int = 1 << 30  # answer size (bounds the full-vocabulary support)
     batch_sequences: int = 64  # sequences merged from concurrent requests into one model call
+    max_queued_bytes: int = 1 << 30  # request bodies waiting for the model; beyond, 503 (clients retry)
 
 
 def tokenizer_files(tokenizer) -> dict[str, bytes]:
@@ -109,16 +110,18 @@ class TeacherService:
         B, L = b.input_ids_B_L.shape
         lim = self.limits
         if B > lim.max_sequences:
-            raise TooLarge(f"{B} sequences in one request; this server takes at most {lim.max_sequences}")
+            raise TooLarge(f"{B} sequences in one request; this server takes at most {lim.max_sequences} "
+                           "(its --max-sequences)")
         if L > self.max_seq_len:
-            raise TooLarge(f"sequences of {L} columns; this server takes at most {self.max_seq_len}")
+            raise TooLarge(f"sequences of {L} columns; this server takes at most {self.max_seq_len} (its "
+                           "--max-seq-len, or the model's context)")
         p = req.params
         if p.support != "full" and p.support != "student_topk" and p.top_k > lim.max_top_k:
-            raise TooLarge(f"top_k = {p.top_k}; this server takes at most {lim.max_top_k}")
+            raise TooLarge(f"top_k = {p.top_k}; this server takes at most {lim.max_top_k} (its --max-top-k)")
         if req.student_support_ids_B_T_K is not None and req.student_support_ids_B_T_K.dim() == 3:
             if req.student_support_ids_B_T_K.shape[-1] > lim.max_top_k:
                 raise TooLarge(f"student support of {req.student_support_ids_B_T_K.shape[-1]} ids; "
-                               f"this server takes at most {lim.max_top_k}")
+                               f"this server takes at most {lim.max_top_k} (its --max-top-k)")
         if p.student_vocab_size is not None and p.student_vocab_size > self.rows:
             raise InputError(f"params.student_vocab_size: {p.student_vocab_size} is more than the teacher's "
                              f"{self.rows} output rows")
@@ -130,7 +133,7 @@ class TeacherService:
         size = n * k * (4 if p.support == "full" else 8)
         if size > lim.max_response_bytes:
             raise TooLarge(f"the answer would be {size / 2**20:.0f} MiB ({n} scored tokens x {k} slots); this "
-                           f"server sends at most {lim.max_response_bytes / 2**20:.0f} MiB")
+                           f"server sends at most {lim.max_response_bytes / 2**20:.0f} MiB (its --max-response-mb)")
 
     def _teacher(self, req: ScoreRequest):
         from opdkit.teacher.local import LocalTeacher
@@ -158,6 +161,7 @@ class TeacherService:
     def _encode(self, sig, req: ScoreRequest) -> bytes:
         return encode_signal(sig, req.batch.response_mask_B_T, full=req.params.support == "full",
                              extra_metadata={"tokenizer_sha256": self.tokenizer_sha256,
+                                             "model_sha256": str(self.info["model_sha256"]),
                                              "vocab_size": str(self.rows)})
 
     def score_many(self, reqs: list[ScoreRequest]) -> list[bytes | Exception]:
@@ -176,8 +180,8 @@ class TeacherService:
                     for i, ans in zip(idx, self._score_merged([reqs[i] for i in idx])):
                         out[i] = ans
                     continue
-                except InputError:
-                    pass  # one of them is bad: score each alone, so the error reaches only its sender
+                except Exception:  # noqa: BLE001 - one of them is bad: score each alone, so the error
+                    pass  # reaches only its sender
             for i in idx:
                 try:
                     out[i] = self.score_one(reqs[i])
@@ -226,8 +230,11 @@ class TooLarge(InputError):
     """A request over one of the server's limits (HTTP 413)."""
 
 
-def make_app(service: TeacherService, *, token: str | None = None):
-    """The FastAPI application serving ``service`` (``token``: the bearer token every request must carry)."""
+def make_app(service: TeacherService, *, token: str | None = None, log=None):
+    """The FastAPI application serving ``service`` (``token``: the bearer token every request must carry;
+    ``log``: where a line per refused or failed request goes, default stderr)."""
+    import sys
+    import traceback
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, FastAPI, HTTPException, Request
@@ -236,7 +243,10 @@ def make_app(service: TeacherService, *, token: str | None = None):
     from opdkit import __version__
 
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opdkit-teacher")
-    state: dict = {}
+    state: dict = {"queued_bytes": 0}
+    if log is None:
+        def log(msg: str) -> None:
+            print(msg, file=sys.stderr, flush=True)
 
     async def worker(queue: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
@@ -278,6 +288,8 @@ def make_app(service: TeacherService, *, token: str | None = None):
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
+        client = f"{request.client.host}:{request.client.port}" if request.client else "?"
+        log(f"opdkit serve-teacher: {request.method} {request.url.path} from {client}: {exc.status_code} {exc.detail}")
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/health", dependencies=[Depends(authorize)])
@@ -312,28 +324,36 @@ def make_app(service: TeacherService, *, token: str | None = None):
             raise HTTPException(413, str(exc)) from None
         except InputError as exc:
             raise HTTPException(400, str(exc)) from None
+        if state["queued_bytes"] + size > service.limits.max_queued_bytes:
+            raise HTTPException(503, f"busy: {state['queued_bytes']} bytes of requests are waiting for the model",
+                                headers={"Retry-After": "1"})
         fut = asyncio.get_running_loop().create_future()
-        await state["queue"].put((req, fut))
+        state["queued_bytes"] += size
         try:
+            await state["queue"].put((req, fut))
             answer = await fut
         except InputError as exc:
             raise HTTPException(400, str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a failure of the model: say so, keep serving
+            log("".join(traceback.format_exception(exc)).rstrip())
             raise HTTPException(500, f"scoring failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            state["queued_bytes"] -= size
         return Response(answer, media_type="application/octet-stream")
 
     return app
 
 
 def read_token_file(path: str | Path, *, key: str) -> str:
+    """The bearer token in ``path``: one word of printable ASCII (what an HTTP header can carry)."""
     p = Path(path).expanduser()
     try:
-        tok = p.read_text().strip()
-    except OSError as exc:
-        raise OpdkitError(f"{key}: cannot read '{p}' ({exc.strerror or exc})") from None
-    if not tok or any(c.isspace() for c in tok):
-        raise OpdkitError(f"{key}: '{p}' must hold one token (no spaces), got "
-                          f"{'an empty file' if not tok else 'text with spaces'}")
+        tok = p.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OpdkitError(f"{key}: cannot read '{p}' ({getattr(exc, 'strerror', None) or exc})") from None
+    if not tok or not all(33 <= ord(c) <= 126 for c in tok):
+        raise OpdkitError(f"{key}: '{p}' must hold one token of printable ASCII characters (no spaces), got "
+                          f"{'an empty file' if not tok else 'other characters'}")
     return tok
 
 
@@ -371,23 +391,26 @@ def serve_teacher(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, 
             print(msg, file=sys.stderr, flush=True)
 
     token = read_token_file(token_file, key="--token-file") if token_file else None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart rebinds at once
+    try:  # before the model loads: a port in use is said at once, not after minutes of loading a 7B teacher
+        sock.bind((host, port))
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        raise OpdkitError(f"--host/--port: cannot listen on {host}:{port} ({getattr(exc, 'strerror', None) or exc})"
+                          ) from None
     if not _is_loopback(host) and token is None:
         log(f"warning: serving on {host} without --token-file: anyone who can reach this port can use the teacher")
     try:
         tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
         model = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
     except ModelLoadError as exc:
+        sock.close()
         raise ModelLoadError(f"--model: {exc}") from None
     service = TeacherService(model, tok, name=name or Path(model_dir).name, chunk_size=chunk_size, limits=limits,
                              model_sha256=model_dir_digest(model_dir))
-    app = make_app(service, token=token)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart rebinds at once
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        raise OpdkitError(f"--host/--port: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    app = make_app(service, token=token, log=log)
     sock.listen(2048)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host

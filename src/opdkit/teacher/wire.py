@@ -10,8 +10,8 @@ parameters as one JSON object.
 Size. Only *scored* positions travel back (``response_mask_B_T`` set, row-major order; the client scatters
 them into ``[B, T, K]`` with its own mask): K int32 ids + K float32 log-probs + the sampled token's log-prob
 and the log-normaliser = ``8K + 8`` bytes per response token (264 at K = 32), against ``2V`` bytes of bf16
-logits (303,872 at V = 151,936): 1/1151. The full-vocabulary support sends ``4V + 8`` bytes per token and
-no ids (they are ``0..V-1``).
+logits (303,872 at V = 151,936): 1/1151 (1/1147 with the safetensors header of an 8 x 64-token
+answer). The full-vocabulary support sends ``4V + 8`` bytes per token and no ids (they are ``0..V-1``).
 
 Request tensors (integers as int32, masks as uint8): ``input_ids [B, L]``, ``attention_mask [B, L]``,
 ``response_mask [B, T]``, ``sampled_ids [B, T]``, optionally ``student_support_ids [B, T, K]``.
@@ -164,8 +164,8 @@ def decode_request(body: bytes) -> ScoreRequest:
     if unknown:
         raise InputError(f"params: unknown field(s) {', '.join(unknown)}")
     drop = _field(p, "drop_ids", list, optional=True) or []
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in drop):
-        raise InputError("params.drop_ids: expected a list of non-negative token ids")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= _INT32_MAX for i in drop):
+        raise InputError("params.drop_ids: expected a list of token ids in [0, 2**31)")
     params = ScoreParams(
         support=_field(p, "support", str),
         top_k=_field(p, "top_k", int),
@@ -174,6 +174,16 @@ def decode_request(body: bytes) -> ScoreRequest:
         drop_ids=tuple(drop),
     )
     messages = _field(p, "messages", list, optional=True)
+    if messages is not None and not all(
+        isinstance(conv, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                       and isinstance(m.get("content"), str) for m in conv)
+        for conv in messages
+    ):
+        raise InputError("params.messages: expected one list of {'role': str, 'content': str} messages per sequence")
+    for name in ("top_k", "student_vocab_size", "prompt_len"):
+        v = p.get(name)
+        if isinstance(v, int) and not 0 <= v <= _INT32_MAX:
+            raise InputError(f"params.{name}: {v} is out of range")
     expected = {"input_ids", "attention_mask", "response_mask", "sampled_ids"}
     missing = sorted(expected - set(tensors))
     if missing:
