@@ -11,8 +11,9 @@ process. All rows of a table are measured in this one run.
 2. Server throughput: C concurrent clients (1, 4, 16), each sending requests of 2 sequences x (24 prompt +
    64 response) tokens for a fixed time; scored tokens per second, requests per model call (cross-request
    merging), and the same batches scored by a ``LocalTeacher`` in this process with 1 thread as the reference.
-3. A training step (step_bench's 8 prompts x 64 tokens, top-32 KL) with the teacher in the trainer's process
-   and with it behind the server (its own process), each in a fresh process: median seconds per stage.
+3. A training step (step_bench's 8 prompts x 64 tokens, top-32 KL, 2 threads) with the teacher in the
+   trainer's process and with it behind the server (its own process, 2 threads: the trainer waits while it
+   scores), each trainer in a fresh process: median seconds per stage.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def step_section(student: Path, teacher: Path, url: str, steps: int) -> None:
     print("|---|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, over in (("in the trainer's process", {}),
-                           ("served (opdkit serve-teacher, own process, 1 thread)",
+                           ("served (opdkit serve-teacher, own process, 2 threads)",
                             {"teacher.path": None, "teacher.url": url})):
             out_json = Path(tmp) / f"{len(name)}.json"
             spec = {"student": str(student), "teacher": str(teacher), "over": over, "steps": steps,
@@ -138,6 +139,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--seconds", type=float, default=20.0, help="per throughput row")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--sections", type=int, nargs="*", default=[1, 2, 3])
     args = ap.parse_args()
     from tests.teacher.serving import served
 
@@ -146,10 +148,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         student, teacher = build_pair(Path(tmp), args.vocab, "tiny")
         print(f"# teacher server, tiny Qwen2 teacher at V = {args.vocab}\n")
-        with served(teacher) as (url, _):
-            bytes_section(url, args.vocab)
-            throughput_section(url, teacher, args.vocab, args.seconds)
-            step_section(student, teacher, url, args.steps)
+        with served(teacher) as (url, _):  # 1 thread: the clients of section 2 have the other core
+            if 1 in args.sections:
+                bytes_section(url, args.vocab)
+            if 2 in args.sections:
+                throughput_section(url, teacher, args.vocab, args.seconds)
+        if 3 in args.sections:
+            with served(teacher, "--threads", "2") as (url, _):  # the trainer waits meanwhile: 2 threads
+                step_section(student, teacher, url, args.steps)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ parameters as one JSON object.
 Size. Only *scored* positions travel back (``response_mask_B_T`` set, row-major order; the client scatters
 them into ``[B, T, K]`` with its own mask): K int32 ids + K float32 log-probs + the sampled token's log-prob
 and the log-normaliser = ``8K + 8`` bytes per response token (264 at K = 32), against ``2V`` bytes of bf16
-logits (303,872 at V = 151,936): 1/1151 (1/1147 with the safetensors header of an 8 x 64-token
+logits (303,872 at V = 151,936): 1/1151 (1/1146 with the safetensors header of an 8 x 64-token
 answer). The full-vocabulary support sends ``4V + 8`` bytes per token and no ids (they are ``0..V-1``).
 
 Request tensors (integers as int32, masks as uint8): ``input_ids [B, L]``, ``attention_mask [B, L]``,
