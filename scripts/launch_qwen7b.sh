@@ -43,7 +43,8 @@ if [ -n "$TEACHER_GPUS" ]; then
         auth=()
         [ -n "$TOKEN_FILE" ] && auth=(--token-file "$TOKEN_FILE")
         CUDA_VISIBLE_DEVICES=$gpu "$OPDKIT" serve-teacher --model "$TEACHER" --dtype bfloat16 --device cuda \
-            --host "$HOST" --port "$port" --max-sequences 64 --max-seq-len 17408 "${auth[@]}" \
+            --host "$HOST" --port "$port" --max-sequences 22 --batch-sequences 22 --max-seq-len 17408 \
+            "${auth[@]}" \
             > "$LOGS/teacher-$gpu.log" 2>&1 &
         pids+=($!)
         urls+=("http://127.0.0.1:$port")

@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         "continues an interrupted run from its last checkpoint.",
         epilog="""required settings:
   model.path        the student: a local Hugging Face causal-LM directory
-  teacher.path      the teacher: a local directory sharing the student's vocabulary (check it with opdkit check)
+  teacher.path      the teacher: a local directory sharing the student's vocabulary (check it with opdkit check),
+    or teacher.url  a teacher server: opdkit serve-teacher, or a vLLM server with teacher.api=openai
   data.train_path   prompts, JSONL, one per line:
                       {"prompt": "text" | [{"role": "system|user|assistant|tool", "content": "..."}],
                        "answer": "..." (optional; used by evaluation)}

@@ -257,7 +257,7 @@ def test_sixteen_concurrent_clients(teacher_dir):
     refs = [full.score(b).teacher_logprobs_B_T_K for b in batches]
     errors: list = []
     done = [0] * 16
-    with served(teacher_dir) as (url, _):
+    with served(teacher_dir, "--batch-sequences", "9") as (url, _):
         def client(c):
             try:
                 remote = RemoteTeacher(url, top_k=5)
@@ -285,6 +285,7 @@ def test_sixteen_concurrent_clients(teacher_dir):
     assert done == [50] * 16
     assert stats["requests"] == 800
     assert stats["merged_requests"] > 0 and stats["model_calls"] < 800, stats
+    assert 2 < stats["largest_call_sequences"] <= 9, stats  # requests of 2 sequences merged, never past the bound
 
 
 def test_client_refuses_bad_arguments(server):

@@ -140,6 +140,23 @@ def main(out: Path) -> None:
             assert not ends and len(row) == 10
     print("ok stops: stop ids and EOS end a response (kept), else max_new_tokens")
 
+    # refusals: a prompt past the engine's context; a model vLLM's CPU attention cannot run (head size 16)
+    from opdkit.errors import InputError, OpdkitError
+
+    short = VLLMSampler(str(sdir), tok, settings, max_model_len=24, kv_cache_gb=0.25)
+    try:
+        short.sample([[{"role": "user", "content": "a long question " * 10}]], n_samples=1, seeds=[0])
+        raise AssertionError("a prompt longer than the context was sampled")
+    except InputError as exc:
+        assert "the vLLM engine holds at most 24" in str(exc), exc
+    h16 = save_model_dir(build_tiny_model(tok, arch="qwen2", seed=9), tok, out / "h16")  # hidden 64, 4 heads
+    try:
+        VLLMSampler(str(h16), tok, settings, max_model_len=64, kv_cache_gb=0.25)
+        raise AssertionError("a head size of 16 was accepted")
+    except OpdkitError as exc:
+        assert "rollout.engine=vllm: vLLM could not load or run" in str(exc) and "head_dim=16" in str(exc), exc
+    print("ok refusals: a prompt past the context, a head size vLLM cannot run")
+
     # 6. a training run with rollout.engine=vllm
     from opdkit.train import Trainer
     from opdkit.train.metrics import read_metrics

@@ -117,7 +117,7 @@ def test_training_with_a_vllm_teacher(server, teacher_dir, tmp_path, tiny_tokeni
                              for a in range(3) for b in range(3)))
     common = [f"model.path={student}", f"data.train_path={train}", "optim.total_steps=2", "rollout.max_new_tokens=8",
               "rollout.n_samples=2", "optim.prompts_per_step=2", "objective.top_k=8", "run.tensorboard=false",
-              "run.device=cpu", "run.precision=fp32"]
+              "run.device=cpu", "run.precision=fp32", "data.max_prompt_tokens=64"]
     remote = [f"teacher.url={server}", "teacher.api=openai", "teacher.served_model=tiny-teacher",
               f"teacher.tokenizer_path={teacher_dir}"]
     assert main(["train", *common, *remote, f"run.out_dir={tmp_path / 'remote'}"]) == 0
@@ -125,3 +125,40 @@ def test_training_with_a_vllm_teacher(server, teacher_dir, tmp_path, tiny_tokeni
     r, loc = read_metrics(tmp_path / "remote"), read_metrics(tmp_path / "local")
     assert len(r) == len(loc) == 2
     assert abs(r[0]["loss"] - loc[0]["loss"]) <= 1e-4 * max(1.0, abs(loc[0]["loss"])), (r[0]["loss"], loc[0]["loss"])
+
+
+def _swapped_specials(tokenizer, out):
+    """A copy of ``tokenizer`` whose <|im_start|> and <|im_end|> ids are exchanged (plain text unchanged)."""
+    from opdkit.hf import load_tokenizer
+
+    tokenizer.save_pretrained(out)
+    a, b = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    swap = {a: b, b: a}
+    j = json.loads((out / "tokenizer.json").read_text())
+    for t in j["added_tokens"]:
+        t["id"] = swap.get(t["id"], t["id"])
+    vocab = j["model"]["vocab"]
+    for tok in ("<|im_start|>", "<|im_end|>"):
+        if tok in vocab:
+            vocab[tok] = swap[vocab[tok]]
+    (out / "tokenizer.json").write_text(json.dumps(j))
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    if "added_tokens_decoder" in cfg:
+        cfg["added_tokens_decoder"] = {str(swap.get(int(k), int(k))): v for k, v in cfg["added_tokens_decoder"].items()}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    swapped = load_tokenizer(out)
+    assert swapped.convert_tokens_to_ids("<|im_start|>") == b
+    return swapped
+
+
+def test_vllm_teacher_checks_special_tokens_lengths_and_identity(server, tmp_path, tiny_tokenizer):
+    swapped = _swapped_specials(tiny_tokenizer, tmp_path / "swapped")
+    with pytest.raises(TeacherServerError, match="not the same tokenizer"):
+        OpenAITeacher(server, swapped, top_k=5)
+    t = OpenAITeacher(server, tiny_tokenizer, top_k=5)
+    t.check_sequence_length(200, keys="x")
+    with pytest.raises(TeacherServerError, match="rollout.max_new_tokens = 300 .* at most 255 .*--max-model-len 256"):
+        t.check_sequence_length(300, keys="rollout.max_new_tokens")
+    # the run's record of the teacher does not depend on how the server's address is written
+    other = OpenAITeacher(server.replace("127.0.0.1", "localhost"), tiny_tokenizer, top_k=5)
+    assert other.model_sha256 == t.model_sha256 and t.model_sha256.startswith("openai:")

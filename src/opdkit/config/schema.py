@@ -137,8 +137,9 @@ class RolloutConfig:
     old_logprobs: str = _f(
         "auto",
         "where pi_old comes from: sampler (the log-probs recorded while sampling: no second student pass), "
-        "recompute (a teacher-forced pass of the student), or auto (sampler when run.precision resolves to fp32 "
-        "and the support is not the student's own top-K, else recompute). In fp32 both agree to float rounding",
+        "recompute (a teacher-forced pass of the student), or auto (sampler when run.precision resolves to fp32, "
+        "the support is not the student's own top-K and rollout.engine=hf, else recompute). In fp32 both agree "
+        "to float rounding",
         choices=("auto", "sampler", "recompute"),
     )
     engine: str = _f(

@@ -16,15 +16,19 @@ in-process vLLM engine (``vllm.LLM``) holding its own copy of the student's weig
 - Weights: before each ``sample`` the engine reloads the student's current weights through vLLM's
   ``reload_weights`` and resets its prefix cache (cached prompt blocks would otherwise keep the old
   weights' keys and values). In one process on one device this is a copy. Several processes (torchrun):
-  each runs its own engine on its own device and samples its own rows; under DDP each has the full weights,
+  each runs its own engine on its own device (see below) and samples its own rows; under DDP each has the full weights,
   under FSDP each shard is all-gathered one tensor at a time while the engine loads it (not run here: no
   GPUs). vLLM on *other* GPUs than the trainer (a separate server) would need the weights sent over NCCL or
   files, which opdkit does not do yet.
 - The pad token is never sampled unless it is an EOS token (a logit bias of -100, a factor e^-100 on its
   probability, the HF sampler's block in all but float rounding).
 - vLLM keeps its engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); its KV cache takes
-  ``rollout.vllm_kv_cache_gb``. vLLM makes ``torch.set_num_threads`` a no-op when it starts; opdkit puts
-  the function back so its thread setting keeps working.
+  ``rollout.vllm_kv_cache_gb`` (when the rows of a rollout need more, vLLM runs fewer at a time). A response
+  ends at the engine's context (``max_model_len``): vLLM does not run past it as ``generate`` may. vLLM's
+  CPU attention needs a head size of at least 32 (checked at start-up by sampling one token). vLLM makes
+  ``torch.set_num_threads`` a no-op when it starts; opdkit puts the function back so its thread setting
+  keeps working. Under torchrun, each engine uses vLLM's executor for externally launched processes
+  (``distributed_executor_backend="external_launcher"``): its device is the process's ``LOCAL_RANK``.
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ class VLLMSampler:
 
     def __init__(self, model_dir: str, tokenizer, settings, *, model=None, max_prompt_tokens: int | None = None,
                  max_model_len: int | None = None, dtype: str = "float32", kv_cache_gb: float = 4.0,
-                 seed: int = 0, trust_remote_code: bool = False, device: str | None = None) -> None:
+                 seed: int = 0, trust_remote_code: bool = False) -> None:
         vllm = _import_vllm()
         self.settings = validate_rollout_settings(settings)
         self.tokenizer = tokenizer
@@ -104,17 +108,31 @@ class VLLMSampler:
         self.stop_ids = tuple(dict.fromkeys([*self.eos_ids, *self.settings.stop_ids]))
         set_threads, threads = torch.set_num_threads, torch.get_num_threads()
         kw = {}
-        if device is not None:
-            kw["device"] = str(device)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # under torchrun: vLLM's executor for externally launched processes puts each process's engine on
+            # its own device (LOCAL_RANK), inside the trainer's process group; the default executor would put
+            # every engine on device 0
+            kw["distributed_executor_backend"] = "external_launcher"
         try:
             self.llm = vllm.LLM(
                 model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed, enforce_eager=True,
                 max_model_len=max_model_len, logprobs_mode="processed_logprobs",
                 kv_cache_memory_bytes=int(kv_cache_gb * 2**30), trust_remote_code=trust_remote_code, **kw,
             )
+            self.max_model_len = int(self.llm.llm_engine.vllm_config.model_config.max_model_len)
+            # one token now: a model vLLM loads but cannot run (e.g. its CPU attention needs a head size of at
+            # least 32) fails here, before the run directory exists, and vLLM's lazy kernels compile
+            from vllm.inputs import TokensPrompt
+
+            from vllm import SamplingParams
+
+            self.llm.generate([TokensPrompt(prompt_token_ids=[self.eos_ids[0]])],
+                              SamplingParams(max_tokens=1, logprobs=0, seed=0), use_tqdm=False)
         except Exception as exc:  # vLLM raises many types for a model or setting it cannot serve
-            raise OpdkitError(f"rollout.engine=vllm: vLLM could not load '{model_dir}' ({type(exc).__name__}: "
-                              f"{str(exc)[:500]})") from None
+            msg = f"{type(exc).__name__}: {str(exc)[:500]}"
+            hint = ("; its KV cache is rollout.vllm_kv_cache_gb" if any(w in msg.lower() for w in ("memory", "cache"))
+                    else "")
+            raise OpdkitError(f"rollout.engine=vllm: vLLM could not load or run '{model_dir}' ({msg}){hint}") from None
         finally:
             torch.set_num_threads = set_threads  # vLLM replaces it with a no-op and may lower the count
             torch.set_num_threads(threads)
@@ -135,8 +153,16 @@ class VLLMSampler:
         model = model if model is not None else self.model
         if model is None:
             return False
+        import logging
+
         weights = ((name, _full(t)) for name, t in model.state_dict().items())
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        vllm_log = logging.getLogger("vllm")
+        level = vllm_log.level
+        vllm_log.setLevel(logging.ERROR)  # every reload warns that the rotary embedding has no weights to load
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        finally:
+            vllm_log.setLevel(level)
         self.llm.reset_prefix_cache()  # cached prompt blocks hold the old weights' keys and values
         self.syncs += 1
         return True
@@ -183,6 +209,11 @@ class VLLMSampler:
         for name, values in (("task_ids", task_ids), ("prompt_index", prompt_index)):
             if values is not None and (isinstance(values, str) or len(values) != len(encoded)):
                 raise InputError(f"{name}: expected one entry per prompt ({len(encoded)}), got {values!r}")
+        long = [i for i, ids in enumerate(encoded) if len(ids) >= self.max_model_len]
+        if long:
+            raise InputError(f"prompts[{long[0]}]: {len(encoded[long[0]])} tokens; the vLLM engine holds at most "
+                             f"{self.max_model_len} per sequence (the student's context, or data.max_prompt_tokens + "
+                             "rollout.max_new_tokens), and needs room for one response token")
         self.sync_weights()
 
         rows = [ids for ids in encoded for _ in range(n)]

@@ -80,5 +80,8 @@ def connect_teacher(cfg: Config, request, *, student_vocab_size: int, drop_ids: 
         return teacher
     from opdkit.teacher.openai import OpenAITeacher
 
-    return OpenAITeacher.from_config(cfg, request, url=url, top_k=k, student_vocab_size=student_vocab_size,
-                                     drop_ids=drop_ids, token=token, student_tokenizer=student_tokenizer)
+    teacher = OpenAITeacher.from_config(cfg, request, url=url, top_k=k, student_vocab_size=student_vocab_size,
+                                        drop_ids=drop_ids, token=token, student_tokenizer=student_tokenizer)
+    teacher.check_sequence_length(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                                  keys="data.max_prompt_tokens + rollout.max_new_tokens")
+    return teacher

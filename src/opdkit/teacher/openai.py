@@ -63,8 +63,10 @@ class OpenAITeacher:
                  model: str | None = None, token: str | None = None, timeout_s: float = 300.0, retries: int = 8,
                  backoff_s: float = 0.5, max_sequences: int = 64) -> None:
         if support not in ("teacher_topk", "teacher_topk_plus_sampled"):
+            what = ("objective.kind=full_reverse_kl (every id of the vocabulary)" if support == "full"
+                    else f"objective.support={support!r}")
             raise InputError(
-                f"objective.support={support!r} with a vLLM teacher (teacher.api=openai): vLLM's completions return "
+                f"{what} with a vLLM teacher (teacher.api=openai): vLLM's completions return "
                 "log-probs only for its own top-K and the actual token, so the support must be teacher_topk or "
                 "teacher_topk_plus_sampled (or serve the teacher with opdkit serve-teacher)"
             )
@@ -91,11 +93,25 @@ class OpenAITeacher:
         self.model = model
         entry = models[names.index(model)]
         self.max_model_len = entry.get("max_model_len")
-        self.model_sha256 = f"openai:{self.url}/{model}"
         self.vocab_size = self._probe_vocab()
         self.student_vocab_size = min(student_vocab_size or self.vocab_size, self.vocab_size)
         self._check_k()
         self._check_tokenizer()
+        # A vLLM server does not say which weights it serves: the run's record of its teacher (checked on
+        # resume) is the served model's path, vocabulary and tokenization, not its address.
+        import hashlib
+        import json
+
+        ident = json.dumps([entry.get("root") or model, self.vocab_size, self._probe_ids])
+        self.model_sha256 = "openai:" + hashlib.sha256(ident.encode()).hexdigest()
+
+    def check_sequence_length(self, max_len: int, *, keys: str) -> None:
+        """Refuse at start-up a run whose sequences (``max_len`` tokens, from ``keys``) the server cannot score."""
+        if self.max_model_len is not None and max_len >= self.max_model_len:
+            raise TeacherServerError(
+                f"{keys} = {max_len} tokens per sequence: the vLLM server at {self.url} scores at most "
+                f"{self.max_model_len - 1} (its --max-model-len {self.max_model_len}, less one token it must generate)"
+            )
 
     # ------------------------------------------------------------------------------------------ probing
     def _request(self, method: str, path: str, **kw):
@@ -133,11 +149,17 @@ class OpenAITeacher:
     def _check_tokenizer(self) -> None:
         if self.tokenizer is None:
             raise OpdkitError("teacher.tokenizer_path: a vLLM teacher needs a local copy of its tokenizer")
-        for text in PROBE_TEXTS:
+        # the special and added tokens too: a template's tokens with other ids would pass the plain texts
+        specials = [t for t in dict.fromkeys([*getattr(self.tokenizer, "all_special_tokens", []),
+                                              *getattr(self.tokenizer, "get_added_vocab", dict)().keys()])]
+        probes = list(PROBE_TEXTS) + ([" x ".join(specials[:64])] if specials else [])
+        self._probe_ids = []
+        for text in probes:
             r = self._request("POST", "/tokenize", json={"model": self.model, "prompt": text,
                                                          "add_special_tokens": False})
             theirs = r.json().get("tokens")
             ours = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            self._probe_ids.append(ours)
             if theirs != ours:
                 raise TeacherServerError(
                     f"teacher.tokenizer_path: the vLLM server at {self.url} tokenizes {text!r} as {theirs[:12]}..., "

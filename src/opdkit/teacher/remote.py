@@ -150,7 +150,8 @@ class RemoteTeacher:
             self.info = None
         if not isinstance(self.info, dict) or "opdkit" not in self.info:
             raise TeacherServerError(f"teacher.url: {self.url} is not an opdkit teacher server (its /health has no "
-                                     "'opdkit' field); for a vLLM server set teacher.api=openai")
+                                     "'opdkit' field); for a vLLM server set teacher.api=openai in a run "
+                                     "(opdkit check takes opdkit servers only)")
         self.vocab_size = int(self.info["vocab_size"])
         if student_vocab_size is not None and student_vocab_size > self.vocab_size:
             student_vocab_size = self.vocab_size

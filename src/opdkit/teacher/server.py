@@ -101,7 +101,7 @@ class TeacherService:
         self._teachers: dict[tuple, object] = {}
         self._lock = threading.Lock()
         # requests answered, model calls made, requests that shared a call with another
-        self.stats = {"requests": 0, "model_calls": 0, "merged_requests": 0}
+        self.stats = {"requests": 0, "model_calls": 0, "merged_requests": 0, "largest_call_sequences": 0}
 
     # -------------------------------------------------------------------------------------- validation
     def check(self, req: ScoreRequest) -> None:
@@ -214,6 +214,7 @@ class TeacherService:
                          prompt_len=P, response_mask_B_T=torch.cat(resp).bool(), sampled_ids_B_T=torch.cat(samp))
         sig = self._teacher(reqs[0]).score(merged, student_support_ids_B_T_K=torch.cat(sup) if sup else None)
         self.stats["model_calls"] += 1
+        self.stats["largest_call_sequences"] = max(self.stats["largest_call_sequences"], merged.batch_size)
         self.stats["merged_requests"] += len(reqs)
         answers, row = [], 0
         for r in reqs:
@@ -250,12 +251,18 @@ def make_app(service: TeacherService, *, token: str | None = None, log=None):
 
     async def worker(queue: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
+        held = None  # a request that did not fit into the previous model call
         while True:
-            jobs = [await queue.get()]
+            jobs = [held if held is not None else await queue.get()]
+            held = None
             n = jobs[0][0].batch.batch_size
-            while not queue.empty() and n < service.limits.batch_sequences:
-                jobs.append(queue.get_nowait())
-                n += jobs[-1][0].batch.batch_size
+            while not queue.empty():  # merge what waits, up to batch_sequences sequences in all
+                nxt = queue.get_nowait()
+                if n + nxt[0].batch.batch_size > service.limits.batch_sequences:
+                    held = nxt
+                    break
+                jobs.append(nxt)
+                n += nxt[0].batch.batch_size
             try:
                 answers = await loop.run_in_executor(executor, service.score_many, [j[0] for j in jobs])
             except Exception as exc:  # noqa: BLE001 - never let the worker die

@@ -336,7 +336,9 @@ def build_components(
     if max_pos is not None and dist.is_main and cfg.rollout.max_new_tokens + cfg.data.max_prompt_tokens > max_pos:
         log(f"warning: rollout.max_new_tokens + data.max_prompt_tokens = "
             f"{cfg.rollout.max_new_tokens + cfg.data.max_prompt_tokens} exceeds the student's "
-            f"max_position_embeddings ({max_pos}); long responses will run past what it was trained on")
+            f"max_position_embeddings ({max_pos}); " + (
+                "the vLLM engine ends a response at that context" if cfg.rollout.engine == "vllm"
+                else "long responses will run past what it was trained on"))
     drop_ids = special_ids if cfg.objective.drop_special_from_support else ()
     teacher_model = None
     if cfg.teacher.url is not None:  # the pre-flight check runs against the server's tokenizer and vocabulary
