@@ -193,12 +193,13 @@ def test_a_server_restarted_with_another_teacher_is_refused(tmp_path, tiny_model
     same_tok = save_model_dir(build_tiny_model(tiny_tokenizer, arch="llama", seed=7), tiny_tokenizer, tmp_path / "w")
     tok = train_tokenizer(corpus(seed=1) + ["another tokenizer"], vocab_size=300)
     other_tok = save_model_dir(build_tiny_model(tok, arch="llama", seed=5), tok, tmp_path / "t")
-    for other, words in ((same_tok, "model_sha256"), (other_tok, "model_sha256|tokenizer_sha256")):
-        with served(tiny_model_dirs["llama"]) as (url, proc):
-            port = int(url.rsplit(":", 1)[1])
-            remote = RemoteTeacher(url, top_k=5, backoff_s=0.1)
-            remote.score(batch)
-            stop(proc)
+    with served(tiny_model_dirs["llama"]) as (url, proc):
+        port = int(url.rsplit(":", 1)[1])
+        remote = RemoteTeacher(url, top_k=5, backoff_s=0.1)
+        remote.score(batch)
+        stop(proc)
+        # the same tokenizer, other weights; then another tokenizer: each behind the same address
+        for other, words in ((same_tok, "model_sha256"), (other_tok, "model_sha256|tokenizer_sha256")):
             with served(other, port=port):
                 with pytest.raises(TeacherServerError, match=f"({words}).*another teacher|another teacher.*({words})"):
                     remote.score(batch)
