@@ -446,8 +446,9 @@ exit status: 0 done; 2 bad input; 75 interrupted (samples so far kept: run the s
   GET  /v1/tokenizer   the teacher tokenizer's files (the client's pre-flight check uses them)
   POST /v1/score       a rollout batch as safetensors bytes -> the teacher signal as safetensors bytes
   GET  /openapi.json   the OpenAPI schema (and /docs)
-answers: 400 malformed request, 401 missing/wrong token, 413 over a limit, 500 the model failed; the server
-  keeps serving after each. Concurrent requests with the same settings are scored in one model call.
+answers: 400 malformed request, 401 missing/wrong token, 413 over a limit, 503 busy (over 1 GiB of requests
+  waiting; clients retry), 500 the model failed; the server keeps serving after each and logs them.
+  Concurrent requests with the same settings are scored in one model call (up to --batch-sequences).
 example:
   opdkit serve-teacher --model /models/teacher --port 8000 --token-file ~/.opdkit-token
   opdkit train cfg.yaml teacher.path=null teacher.url=http://127.0.0.1:8000 teacher.token_file=~/.opdkit-token""",
