@@ -10,16 +10,7 @@ PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
-have() { "$VENV/bin/python" - "$@" <<'EOF'
-import sys
-from importlib.metadata import version, PackageNotFoundError
-try:
-    ok = all(version(n) == v for n, v in (a.split("==") for a in sys.argv[1:]))
-except PackageNotFoundError:
-    ok = False
-sys.exit(0 if ok else 1)
-EOF
-}
+source scripts/venv_lib.sh  # have PKG==VERSION ...
 
 if ! have "torch==2.13.0+cpu" && ! have "torch==2.13.0"; then
     if [ -d /opt/wheels ]; then

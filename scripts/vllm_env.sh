@@ -23,16 +23,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 FIND=()
 [ -d /opt/wheels ] && FIND=(--find-links /opt/wheels)
 
-have() { "$VENV/bin/python" - "$@" <<'EOF'
-import sys
-from importlib.metadata import version, PackageNotFoundError
-try:
-    ok = all(version(n) == v for n, v in (a.split("==") for a in sys.argv[1:]))
-except PackageNotFoundError:
-    ok = False
-sys.exit(0 if ok else 1)
-EOF
-}
+source scripts/venv_lib.sh  # have PKG==VERSION ...
 
 have "$TORCH" || "${PIP[@]}" install "$TORCH" "${FIND[@]}"
 have "$VLLM" || "${PIP[@]}" install "$VLLM" "transformers<5.20" "$TORCH" "${FIND[@]}"

@@ -33,6 +33,7 @@ Not thread-safe: ``model.generation_config`` is swapped for a clean one for the 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,58 @@ def _check_seed(seed: Any, name: str) -> int:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise InputError(f"{name}: expected an integer in [0, 2**63), got {seed!r}")
     return seed
+
+
+def eos_ids(tokenizer, model=None) -> tuple[int, ...]:
+    """The ids that end a response: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:  # e.g. Qwen2.5-Instruct ends turns with <|im_end|> and documents with <|endoftext|>
+        ids.extend(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
+    return tuple(dict.fromkeys(ids))
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What a sampler's rows are: each prompt's ids ``n`` times, with the rows' seeds, prompt indices, tasks."""
+
+    rows: list[list[int]]
+    seeds: list[int]
+    prompt_index: tuple[int, ...]
+    task_ids: tuple[str | None, ...]
+
+
+def plan_rows(encoded: Sequence[list[int]], *, n_samples: Any, seed: Any, default_seed: int,
+              seeds: Sequence[int] | None, task_ids: Sequence[str | None] | None,
+              prompt_index: Sequence[int] | None) -> RowPlan:
+    """The rows of one ``sample`` call (every sampler's arguments checked the same way): ``n_samples`` per
+    prompt, row ``i`` seeded with ``seeds[i]``, or else ``trajectory_seed(seed, i)`` (``seed`` defaulting to
+    ``default_seed``)."""
+    n = n_samples
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InputError(f"n_samples: expected an integer >= 1, got {n!r}")
+    B = len(encoded) * n
+    if seeds is not None:
+        if seed is not None:
+            raise InputError("seed and seeds: give one or the other")
+        if isinstance(seeds, (str, bytes)) or len(seeds) != B:
+            raise InputError(f"seeds: expected one seed per row ({len(encoded)} prompts x {n} = {B}), got {seeds!r}")
+        row_seeds = [_check_seed(x, "seeds[]") for x in seeds]
+    else:
+        seed = _check_seed(default_seed if seed is None else seed, "seed")
+        row_seeds = [trajectory_seed(seed, i) for i in range(B)]
+    for name, values in (("task_ids", task_ids), ("prompt_index", prompt_index)):
+        if values is not None and (isinstance(values, str) or len(values) != len(encoded)):
+            raise InputError(f"{name}: expected one entry per prompt ({len(encoded)}), got {values!r}")
+    index = tuple(prompt_index) if prompt_index is not None else tuple(range(len(encoded)))
+    return RowPlan(
+        rows=[ids for ids in encoded for _ in range(n)],
+        seeds=row_seeds,
+        prompt_index=tuple(index[i] for i in range(len(encoded)) for _ in range(n)),
+        task_ids=tuple(task_ids[i] for i in range(len(encoded)) for _ in range(n)) if task_ids is not None else (),
+    )
 
 
 def _processors():
@@ -239,13 +292,7 @@ class HFSampler:
         return cls(model, tokenizer, settings, tokenizer_path=str(path))
 
     def _eos_ids(self) -> tuple[int, ...]:
-        ids: list[int] = []
-        if self.tokenizer.eos_token_id is not None:
-            ids.append(int(self.tokenizer.eos_token_id))
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        if gen_eos is not None:  # e.g. Qwen2.5-Instruct ends turns with <|im_end|> and documents with <|endoftext|>
-            ids.extend(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
-        return tuple(dict.fromkeys(ids))
+        return eos_ids(self.tokenizer, self.model)
 
     def _vocab_size(self) -> int:
         emb = self.model.get_output_embeddings()
@@ -353,33 +400,13 @@ class HFSampler:
                 copied to every sample of it.
         """
         s = self.settings
-        n = s.n_samples if n_samples is None else n_samples
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise InputError(f"n_samples: expected an integer >= 1, got {n!r}")
         encoded = self.encode_prompts(prompts, chat=chat)
-        B = len(encoded) * n
-        if seeds is not None:
-            if seed is not None:
-                raise InputError("seed and seeds: give one or the other")
-            if isinstance(seeds, (str, bytes)) or len(seeds) != B:
-                raise InputError(
-                    f"seeds: expected one seed per row ({len(encoded)} prompts x {n} = {B}), got {seeds!r}"
-                )
-            row_seeds = [_check_seed(x, "seeds[]") for x in seeds]
-        else:
-            if seed is None:
-                seed = s.seed + self._calls
-            _check_seed(seed, "seed")
-            row_seeds = [trajectory_seed(seed, i) for i in range(B)]
+        plan = plan_rows(encoded, n_samples=s.n_samples if n_samples is None else n_samples, seed=seed,
+                         default_seed=s.seed + self._calls, seeds=seeds, task_ids=task_ids, prompt_index=prompt_index)
         self._calls += 1
-        for name, values in (("task_ids", task_ids), ("prompt_index", prompt_index)):
-            if values is not None and (isinstance(values, str) or len(values) != len(encoded)):
-                raise InputError(f"{name}: expected one entry per prompt ({len(encoded)}), got {values!r}")
+        rows, row_seeds, B = plan.rows, plan.seeds, len(plan.rows)
 
         # n samples per prompt, left-padded to a common length P
-        rows = [ids for ids in encoded for _ in range(n)]
-        index = tuple(prompt_index) if prompt_index is not None else tuple(range(len(encoded)))
-        row_prompt = tuple(index[i] for i in range(len(encoded)) for _ in range(n))
         device = self.device
         prompt_ids, prompt_mask = left_pad(rows, self.pad_id, device=device)
         P = prompt_ids.shape[1]
@@ -437,7 +464,6 @@ class HFSampler:
             ent = torch.where(mask.bool(), ent[:, :T_out].to(mask.device), zero)
             lse = torch.where(mask.bool(), lse[:, :T_out].to(mask.device), zero)
 
-        tasks = tuple(task_ids[i] for i in range(len(encoded)) for _ in range(n)) if task_ids is not None else ()
         return RolloutBatch(
             input_ids_B_L=torch.cat([prompt_ids, sampled], dim=1),
             attention_mask_B_L=torch.cat([prompt_mask, mask], dim=1),
@@ -447,8 +473,8 @@ class HFSampler:
             old_logprobs_B_T=old_lp,
             sampling_logprobs_B_T=samp_lp,
             finish_reason=tuple(FINISH_STOP if bool(x) else FINISH_LENGTH for x in stopped.tolist()),
-            prompt_index=row_prompt,
-            task_ids=tasks,
+            prompt_index=plan.prompt_index,
+            task_ids=plan.task_ids,
             entropy_B_T=ent,
             logsumexp_B_T=lse,
         )

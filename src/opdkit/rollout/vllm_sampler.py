@@ -41,14 +41,18 @@ import torch
 
 from opdkit.data.chat import left_pad
 from opdkit.errors import InputError, OpdkitError
-from opdkit.rollout.hf_sampler import FINISH_LENGTH, FINISH_STOP, encode_prompts, validate_rollout_settings
-from opdkit.rollout.seeding import trajectory_seed
+from opdkit.rollout.hf_sampler import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    HFSampler,
+    encode_prompts,
+    eos_ids,
+    plan_rows,
+    validate_rollout_settings,
+)
 from opdkit.types import RolloutBatch
 
 __all__ = ["VLLMSampler"]
-
-_SEED_MOD = 2**63  # vLLM seeds a torch.Generator: keep the seed in int64
-
 
 def _import_vllm():
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (weight sync)
@@ -85,8 +89,6 @@ class VLLMSampler:
         kv_cache_gb: the engine's KV-cache size.
     """
 
-    record_stats = False
-
     def __init__(self, model_dir: str, tokenizer, settings, *, model=None, max_prompt_tokens: int | None = None,
                  max_model_len: int | None = None, dtype: str = "float32", kv_cache_gb: float = 4.0,
                  seed: int = 0, trust_remote_code: bool = False) -> None:
@@ -96,11 +98,7 @@ class VLLMSampler:
         self.model = model
         self.max_prompt_tokens = max_prompt_tokens
         self.tokenizer_path = str(getattr(tokenizer, "name_or_path", "") or model_dir)
-        eos = tokenizer.eos_token_id
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos_ids += [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
-        self.eos_ids = tuple(dict.fromkeys(int(i) for i in eos_ids))
+        self.eos_ids = eos_ids(tokenizer, model)
         if not self.eos_ids:
             raise InputError(f"tokenizer '{self.tokenizer_path}': has no EOS token, so responses cannot end")
         pad = tokenizer.pad_token_id
@@ -179,7 +177,7 @@ class VLLMSampler:
         bias = {} if self.pad_id in self.eos_ids else {self.pad_id: -100.0}
         return SamplingParams(
             temperature=float(s.temperature), top_p=float(s.top_p), top_k=int(s.top_k) if s.top_k else -1,
-            max_tokens=int(s.max_new_tokens), seed=int(seed) % _SEED_MOD, logprobs=0,
+            max_tokens=int(s.max_new_tokens), seed=int(seed), logprobs=0,
             stop_token_ids=list(self.stop_ids), stop=list(s.stop) or None, include_stop_str_in_output=True,
             logit_bias=bias or None, ignore_eos=False, detokenize=bool(s.stop), n=1,
         )
@@ -191,24 +189,11 @@ class VLLMSampler:
         from vllm.inputs import TokensPrompt
 
         s = self.settings
-        n = s.n_samples if n_samples is None else n_samples
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise InputError(f"n_samples: expected an integer >= 1, got {n!r}")
         encoded = self.encode_prompts(prompts, chat=chat)
-        B = len(encoded) * n
-        if seeds is not None:
-            if seed is not None:
-                raise InputError("seed and seeds: give one or the other")
-            if isinstance(seeds, (str, bytes)) or len(seeds) != B:
-                raise InputError(f"seeds: expected one seed per row ({len(encoded)} prompts x {n} = {B})")
-            row_seeds = [int(x) for x in seeds]
-        else:
-            seed = s.seed + self._calls if seed is None else seed
-            row_seeds = [trajectory_seed(seed, i) for i in range(B)]
+        plan = plan_rows(encoded, n_samples=s.n_samples if n_samples is None else n_samples, seed=seed,
+                         default_seed=s.seed + self._calls, seeds=seeds, task_ids=task_ids, prompt_index=prompt_index)
         self._calls += 1
-        for name, values in (("task_ids", task_ids), ("prompt_index", prompt_index)):
-            if values is not None and (isinstance(values, str) or len(values) != len(encoded)):
-                raise InputError(f"{name}: expected one entry per prompt ({len(encoded)}), got {values!r}")
+        rows, B = plan.rows, len(plan.rows)
         long = [i for i, ids in enumerate(encoded) if len(ids) >= self.max_model_len]
         if long:
             raise InputError(f"prompts[{long[0]}]: {len(encoded[long[0]])} tokens; the vLLM engine holds at most "
@@ -216,9 +201,8 @@ class VLLMSampler:
                              "rollout.max_new_tokens), and needs room for one response token")
         self.sync_weights()
 
-        rows = [ids for ids in encoded for _ in range(n)]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows],
-                                 [self._params(x) for x in row_seeds], use_tqdm=False)
+                                 [self._params(x) for x in plan.seeds], use_tqdm=False)
         responses, logps, finished = [], [], []
         for o in outs:
             c = o.outputs[0]
@@ -241,8 +225,6 @@ class VLLMSampler:
             mask[b, : len(ids)] = 1
             samp_lp[b, : len(ids)] = torch.tensor(lps)
             old_lp[b, : len(ids)] = math.nan
-        index = tuple(prompt_index) if prompt_index is not None else tuple(range(len(encoded)))
-        tasks = tuple(task_ids[i] for i in range(len(encoded)) for _ in range(n)) if task_ids is not None else ()
         return RolloutBatch(
             input_ids_B_L=torch.cat([prompt_ids, sampled], dim=1),
             attention_mask_B_L=torch.cat([prompt_mask, mask], dim=1),
@@ -252,8 +234,8 @@ class VLLMSampler:
             old_logprobs_B_T=old_lp,
             sampling_logprobs_B_T=samp_lp,
             finish_reason=tuple(FINISH_STOP if f else FINISH_LENGTH for f in finished),
-            prompt_index=tuple(index[i] for i in range(len(encoded)) for _ in range(n)),
-            task_ids=tasks,
+            prompt_index=plan.prompt_index,
+            task_ids=plan.task_ids,
         )
 
     def close(self) -> None:
@@ -264,6 +246,4 @@ class VLLMSampler:
             core.shutdown()
         self.llm = None
 
-    def decode(self, batch: RolloutBatch) -> list[str]:
-        return [self.tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=False)
-                for ids, m in zip(batch.sampled_ids_B_T, batch.response_mask_B_T, strict=True)]
+    decode = HFSampler.decode

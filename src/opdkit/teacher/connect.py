@@ -38,9 +38,11 @@ def detect_api(url: str, *, token: str | None, timeout_s: float, retries: int) -
         try:
             r = request_with_retries(client, "GET", "/health", retries=retries, backoff_s=0.5, what="teacher server")
             j = r.json()
-        except (TeacherServerError, ValueError) as exc:
-            if "did not answer after" in str(exc) or "refused the request (401" in str(exc):
+        except TeacherServerError as exc:
+            if exc.status in (None, 401):  # no server, or the wrong token: say that, not "not a server"
                 raise
+            j = None
+        except ValueError:  # an answer that is not JSON
             j = None
         if isinstance(j, dict) and "opdkit" in j:
             return "opdkit"

@@ -30,7 +30,12 @@ _RETRY_STATUS = {429, 502, 503, 504}
 
 
 class TeacherServerError(OpdkitError):
-    """The teacher server is unreachable, refused the request, or is not the teacher the run started with."""
+    """The teacher server is unreachable, refused the request, or is not the teacher the run started with.
+    ``status``: the HTTP status of a refusal (None when there was no answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def http_client(url: str, *, token: str | None, timeout_s: float):
@@ -82,9 +87,11 @@ def request_with_retries(client, method: str, path: str, *, retries: int, backof
             last = f"HTTP {r.status_code}: {_message(r)}"
             continue
         if r.status_code == 401:
-            raise TeacherServerError(f"{token_key}: the {what} at {url} refused the request (401: {_message(r)})")
+            raise TeacherServerError(f"{token_key}: the {what} at {url} refused the request (401: {_message(r)})",
+                                     status=401)
         if r.status_code >= 400:
-            raise TeacherServerError(f"the {what} at {url} answered {r.status_code}: {_message(r)}")
+            raise TeacherServerError(f"the {what} at {url} answered {r.status_code}: {_message(r)}",
+                                     status=r.status_code)
         return r
     raise TeacherServerError(
         f"teacher.url: the {what} at {url} did not answer after {retries + 1} tries over "
