@@ -16,6 +16,7 @@ from opdkit.config.loader import (
 from opdkit.config.schema import (
     Config,
     DataConfig,
+    EnvConfig,
     EvalConfig,
     ModelConfig,
     ObjectiveConfig,
@@ -29,6 +30,7 @@ __all__ = [
     "FIELD_KEYS",
     "Config",
     "DataConfig",
+    "EnvConfig",
     "EvalConfig",
     "ModelConfig",
     "ObjectiveConfig",

@@ -258,6 +258,9 @@ def _inert_rules(cfg: Config) -> list[tuple[str, bool, str]]:
         ("teacher.dtype", remote, server_side),
         ("teacher.chunk_size", remote, server_side),
         ("teacher.trust_remote_code", remote, server_side),
+        ("teacher.per_task", remote, "per-task teachers are local models (teacher.path); a remote teacher serves "
+         "every task"),
+        ("data.task_weights", cfg.data.task_sampling != "weighted", "it acts only with data.task_sampling=weighted"),
         ("model.lora_alpha", m.lora_r == 0, "it acts only with model.lora_r > 0"),
         ("model.lora_dropout", m.lora_r == 0, "it acts only with model.lora_r > 0"),
         ("model.lora_target_modules", m.lora_r == 0, "it acts only with model.lora_r > 0"),

@@ -11,6 +11,7 @@ from typing import Any
 __all__ = [
     "Config",
     "DataConfig",
+    "EnvConfig",
     "EvalConfig",
     "ModelConfig",
     "ObjectiveConfig",
@@ -106,6 +107,11 @@ class TeacherConfig:
         "the student's, verified against the server's /tokenize)",
     )
     chunk_size: int = _f(256, "response positions scored per chunk; bounds memory to O(chunk_size x vocab)", ge=1)
+    per_task: list[str] = _f(
+        [],
+        "a teacher per task, as TASK=DIRECTORY (a local model; tasks not listed use teacher.path). Teachers named "
+        "twice are loaded once. Each must pass the pre-flight check against the student",
+    )
     own_chat_template: bool = _f(
         False,
         "score the student's responses after the prompt rendered with the teacher's own chat template, not the "
@@ -223,7 +229,12 @@ class OptimConfig:
 class DataConfig:
     """Where the prompts come from."""
 
-    train_path: str | None = _f(None, "JSONL file of training prompts")
+    train_path: str | list[str] | None = _f(
+        None,
+        "training data: a JSONL file of prompts or environments (a line with \"env\": see `opdkit envs --help`), "
+        "textworld:DIR (every game in DIR), alfworld:SPLIT (ALFWorld's games; env.alfworld_data or ALFWORLD_DATA), "
+        "each optionally as TASK=SOURCE, or a list of them (multi-task: one task per source unless lines name theirs)",
+    )
     eval_path: str | list[str] | None = _f(
         None, "evaluation benchmark(s): a file (JSONL, JSON or Parquet: the training format or a public benchmark's "
         "columns, see `opdkit eval --help`), NAME=FILE, a built-in (demo, rg:TASK), or a list of them; null = none"
@@ -238,6 +249,43 @@ class DataConfig:
         choices=("error", "skip", "truncate_left"),
     )
     shuffle: bool = _f(True, "shuffle the training prompts")
+    task_sampling: str = _f(
+        "round_robin",
+        "with several tasks: which task each training step's batch comes from: round_robin (the tasks in turn, "
+        "as the paper alternates ALFWorld and math batches), weighted (drawn by data.task_weights, seeded), or "
+        "mixed (batches drawn from all tasks' prompts pooled; tasks must all be prompts, or all environments)",
+        choices=("round_robin", "weighted", "mixed"),
+    )
+    task_weights: list[str] = _f(
+        [], "data.task_sampling=weighted: TASK=WEIGHT for every task (weights > 0, relative)"
+    )
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Multi-turn environments (TextWorld, ALFWorld, ...): how the student plays an episode."""
+
+    max_turns: int = _f(20, "actions per episode; an episode still going after them ends unsuccessful", ge=1)
+    max_turn_tokens: int = _f(64, "tokens the student may write per turn", ge=1)
+    max_episode_tokens: int = _f(
+        4096, "tokens per episode, prompt and observations included; an episode that would pass it ends", ge=2
+    )
+    admissible_commands: bool = _f(
+        False, "list the commands the game accepts in every observation (TextWorld and ALFWorld give them)"
+    )
+    system_prompt: str = _f(
+        "You are playing a text adventure game. Read the observation and reply with exactly one command.",
+        "the system message of every episode; empty = none",
+    )
+    processes: int = _f(
+        2, "worker processes stepping the environments in parallel; 0 = in the training process, without time "
+        "limits (debugging)", ge=0
+    )
+    step_timeout_s: float = _f(
+        60.0, "time limit of one environment reset or step; an environment over it (or one that raises) ends its "
+        "episode as a recorded failure, and the batch goes on", gt=0
+    )
+    alfworld_data: str | None = _f(None, "ALFWorld's data folder (default: the ALFWORLD_DATA environment variable)")
 
 
 @dataclass(frozen=True)
@@ -318,6 +366,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

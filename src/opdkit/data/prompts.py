@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opdkit.data.jsonl import DataError, read_jsonl
+from opdkit.envs.base import EnvSpec
 from opdkit.errors import InputError
 
 __all__ = ["DataError", "PromptRecord", "ROLES", "check_prompt_lengths", "filter_long_prompts", "load_prompts"]
@@ -28,6 +29,7 @@ class PromptRecord:
     task: str | None = None
     source: str | None = None
     truncated: bool = False  # longer than data.max_prompt_tokens; the sampler keeps its end
+    env: EnvSpec | None = None  # an environment episode instead of a prompt (messages empty): opdkit.envs
 
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -57,11 +59,18 @@ def _messages(value, where: str, key: str) -> tuple[dict, ...]:
     return tuple(out)
 
 
-def load_prompts(path: str | Path, *, prompt_key: str = "prompt", answer_key: str = "answer") -> list[PromptRecord]:
-    """Read a JSONL file of prompts (blank lines are skipped)."""
+def load_prompts(path: str | Path, *, prompt_key: str = "prompt", answer_key: str = "answer",
+                 env_defaults=None) -> list[PromptRecord]:
+    """Read a JSONL file of prompts (blank lines are skipped). A line with an ``"env"`` field is an
+    environment instead (:func:`opdkit.envs.data.env_record`; ``env_defaults``: arguments per kind)."""
     records = []
     for lineno, obj in read_jsonl(path):
         where = f"{path} line {lineno}"
+        if "env" in obj:
+            from opdkit.envs.data import env_record
+
+            records.append(env_record(obj, where, Path(path).parent, env_defaults or {}))
+            continue
         if prompt_key not in obj:
             raise DataError(f"{where}: missing the prompt field '{prompt_key}' (data.prompt_key)")
         answer = obj.get(answer_key)
@@ -100,6 +109,9 @@ def check_prompt_lengths(
 
     kept, long = [], []
     for r in records:
+        if r.env is not None:  # an episode's prompt is made at reset; env.max_episode_tokens bounds it
+            kept.append(r)
+            continue
         chars = sum(len(m["content"]) for m in r.messages)
         try:
             n = None if chars > 64 * max_tokens else len(render_chat(tokenizer, r.messages))

@@ -1,7 +1,8 @@
 """The sampler seam: what the trainer asks of a rollout engine, and the factory that builds one.
 
 A sampler turns prompts and per-row seeds into a :class:`~opdkit.types.RolloutBatch` (each response's
-ids, masks, and the two log-probs of every sampled token), and is told when the trainer's weights
+ids, masks, and the two log-probs of every sampled token), continues rows of token ids (``sample_tokens``:
+each turn of a multi-turn episode, :mod:`opdkit.envs.episodes`), and is told when the trainer's weights
 changed. ``rollout.engine`` picks the implementation: Hugging Face ``generate`` (``hf``) or an in-process
 vLLM engine (``vllm``, ``opdkit.rollout.vllm_sampler``).
 """
@@ -33,6 +34,18 @@ class Sampler(Protocol):
         task_ids: Sequence[str | None] | None = None,
         prompt_index: Sequence[int] | None = None,
     ) -> RolloutBatch: ...
+
+    def sample_tokens(
+        self,
+        rows: Sequence[Sequence[int]],
+        *,
+        seeds: Sequence[int],
+        max_new_tokens: int | None = None,
+        task_ids: Sequence[str | None] | None = None,
+        prompt_index: Sequence[int] | None = None,
+    ) -> RolloutBatch:
+        """One response per row of already rendered token ids (a multi-turn episode's conversation so far)."""
+        ...
 
     def sync_weights(self, model) -> None: ...
 

@@ -137,6 +137,21 @@ def plan_rows(encoded: Sequence[list[int]], *, n_samples: Any, seed: Any, defaul
     )
 
 
+def check_token_rows(rows: Any, vocab_size: int) -> list[list[int]]:
+    """``rows`` as lists of ints, each non-empty and inside the vocabulary (``InputError`` naming the row)."""
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or len(rows) == 0:
+        raise InputError(f"rows: expected a non-empty list of token-id lists, got {type(rows).__name__}")
+    out = []
+    for i, r in enumerate(rows):
+        ids = r.tolist() if isinstance(r, torch.Tensor) else r
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or len(ids) == 0:
+            raise InputError(f"rows[{i}]: expected a non-empty list of token ids, got {type(r).__name__}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+            raise InputError(f"rows[{i}]: token ids must be integers in [0, {vocab_size})")
+        out.append(list(ids))
+    return out
+
+
 def _processors():
     """The logits-processor classes used below (imported lazily: transformers is heavy)."""
     from transformers import LogitsProcessor, StoppingCriteria
@@ -404,6 +419,24 @@ class HFSampler:
         plan = plan_rows(encoded, n_samples=s.n_samples if n_samples is None else n_samples, seed=seed,
                          default_seed=s.seed + self._calls, seeds=seeds, task_ids=task_ids, prompt_index=prompt_index)
         self._calls += 1
+        return self._generate(plan, int(s.max_new_tokens))
+
+    @torch.no_grad()
+    def sample_tokens(self, rows: Sequence[Sequence[int]], *, seeds: Sequence[int], max_new_tokens: int | None = None,
+                      task_ids: Sequence[str | None] | None = None,
+                      prompt_index: Sequence[int] | None = None) -> RolloutBatch:
+        """One response per row of token ids (already rendered: no chat template, no truncation), row ``i``
+        sampled with ``seeds[i]``, at most ``max_new_tokens`` (default ``rollout.max_new_tokens``). What a
+        multi-turn episode calls at each turn with the conversation so far (``opdkit.envs.episodes``)."""
+        rows = check_token_rows(rows, self._vocab_size())
+        plan = plan_rows(rows, n_samples=1, seed=None, default_seed=0, seeds=seeds, task_ids=task_ids,
+                         prompt_index=prompt_index)
+        limit = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise InputError(f"max_new_tokens: expected an integer >= 1, got {limit!r}")
+        return self._generate(plan, limit)
+
+    def _generate(self, plan: RowPlan, max_new_tokens: int) -> RolloutBatch:
         rows, row_seeds, B = plan.rows, plan.seeds, len(plan.rows)
 
         # n samples per prompt, left-padded to a common length P
@@ -414,7 +447,7 @@ class HFSampler:
 
         processors, draw = self._logits_processors(P, seeds_B)
         criteria, stop_rec = self._stop_criteria(P, B)
-        gen_config = self._generation_config(int(s.max_new_tokens))
+        gen_config = self._generation_config(max_new_tokens)
         saved_config = self.model.generation_config
         try:
             self.model.generation_config = self._clean_model_generation_config()

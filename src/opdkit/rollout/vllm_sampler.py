@@ -45,6 +45,7 @@ from opdkit.rollout.hf_sampler import (
     FINISH_LENGTH,
     FINISH_STOP,
     HFSampler,
+    check_token_rows,
     encode_prompts,
     eos_ids,
     plan_rows,
@@ -170,14 +171,14 @@ class VLLMSampler:
         return encode_prompts(self.tokenizer, prompts, chat=chat, max_prompt_tokens=self.max_prompt_tokens,
                               tokenizer_path=self.tokenizer_path)
 
-    def _params(self, seed: int):
+    def _params(self, seed: int, max_new_tokens: int):
         from vllm import SamplingParams
 
         s = self.settings
         bias = {} if self.pad_id in self.eos_ids else {self.pad_id: -100.0}
         return SamplingParams(
             temperature=float(s.temperature), top_p=float(s.top_p), top_k=int(s.top_k) if s.top_k else -1,
-            max_tokens=int(s.max_new_tokens), seed=int(seed), logprobs=0,
+            max_tokens=int(max_new_tokens), seed=int(seed), logprobs=0,
             stop_token_ids=list(self.stop_ids), stop=list(s.stop) or None, include_stop_str_in_output=True,
             logit_bias=bias or None, ignore_eos=False, detokenize=bool(s.stop), n=1,
         )
@@ -186,23 +187,37 @@ class VLLMSampler:
                seeds: Sequence[int] | None = None, chat: bool = True, task_ids=None,
                prompt_index=None) -> RolloutBatch:
         """As ``HFSampler.sample`` (``old_logprobs_B_T`` is NaN at response positions: see the module doc)."""
-        from vllm.inputs import TokensPrompt
-
         s = self.settings
         encoded = self.encode_prompts(prompts, chat=chat)
         plan = plan_rows(encoded, n_samples=s.n_samples if n_samples is None else n_samples, seed=seed,
                          default_seed=s.seed + self._calls, seeds=seeds, task_ids=task_ids, prompt_index=prompt_index)
         self._calls += 1
+        return self._generate(plan, int(s.max_new_tokens))
+
+    def sample_tokens(self, rows, *, seeds, max_new_tokens: int | None = None, task_ids=None,
+                      prompt_index=None) -> RolloutBatch:
+        """As ``HFSampler.sample_tokens``: one response per row of already rendered token ids."""
+        rows = check_token_rows(rows, self.vocab_size)
+        plan = plan_rows(rows, n_samples=1, seed=None, default_seed=0, seeds=seeds, task_ids=task_ids,
+                         prompt_index=prompt_index)
+        limit = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise InputError(f"max_new_tokens: expected an integer >= 1, got {limit!r}")
+        return self._generate(plan, limit)
+
+    def _generate(self, plan, max_new_tokens: int) -> RolloutBatch:
+        from vllm.inputs import TokensPrompt
+
         rows, B = plan.rows, len(plan.rows)
-        long = [i for i, ids in enumerate(encoded) if len(ids) >= self.max_model_len]
+        long = [i for i, ids in enumerate(rows) if len(ids) >= self.max_model_len]
         if long:
-            raise InputError(f"prompts[{long[0]}]: {len(encoded[long[0]])} tokens; the vLLM engine holds at most "
+            raise InputError(f"prompts[{long[0]}]: {len(rows[long[0]])} tokens; the vLLM engine holds at most "
                              f"{self.max_model_len} per sequence (the student's context, or data.max_prompt_tokens + "
                              "rollout.max_new_tokens), and needs room for one response token")
         self.sync_weights()
 
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows],
-                                 [self._params(x) for x in plan.seeds], use_tqdm=False)
+                                 [self._params(x, max_new_tokens) for x in plan.seeds], use_tqdm=False)
         responses, logps, finished = [], [], []
         for o in outs:
             c = o.outputs[0]

@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,11 @@ class Components:
     identity: dict  # digests of the student and teacher directories and of the chat template, checked on resume
     load_dtype: torch.dtype = torch.float32  # the dtype the student was loaded in: the exported model's
     pi_old_from_sampler: bool = False  # rollout.old_logprobs resolved: no second student pass
+    schedule: Any = None  # opdkit.train.tasks.TaskSchedule: which records each step takes
+    teachers: dict = field(default_factory=dict)  # task -> its own teacher (teacher.per_task); others: teacher
+    env_pool: Any = None  # opdkit.envs.pool.EnvPool when the training data holds environments
+    env_template: Any = None  # opdkit.envs.base.PromptTemplate of the episodes
+    episode_settings: Any = None  # opdkit.envs.episodes.EpisodeSettings
 
 
 def _pi_old_from_sampler(cfg: Config, precision: Precision, objective) -> bool:
@@ -102,7 +107,7 @@ def _device_settings(cfg: Config) -> bool:
 
 
 PATH_KEYS = ("model.path", "teacher.path", "teacher.token_file", "teacher.tokenizer_path", "data.train_path",
-             "data.eval_path", "run.out_dir")
+             "data.eval_path", "env.alfworld_data", "teacher.per_task", "run.out_dir")
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -116,9 +121,10 @@ def resolve_paths(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), name)
         if value is None or (key == "model.chat_template" and value in ("model", "none")):
             continue
-        if key == "data.eval_path":
+        if key in ("data.eval_path", "data.train_path", "teacher.per_task"):
             specs = value if isinstance(value, list) else [value]
-            fixed = [_absolute_benchmark(v) for v in specs]
+            fixed = [{"data.eval_path": _absolute_benchmark, "data.train_path": _absolute_source,
+                      "teacher.per_task": _absolute_source}[key](v) for v in specs]
             if fixed != specs:
                 fix[key] = fixed if isinstance(value, list) else fixed[0]
             continue
@@ -126,6 +132,18 @@ def resolve_paths(cfg: Config) -> Config:
         if absolute != value:
             fix[key] = absolute
     return apply_overrides(cfg, fix) if fix else cfg
+
+
+def _absolute_source(spec: str) -> str:
+    """A ``[TASK=]SOURCE`` training source (or ``TASK=DIR`` teacher) with its file or folder made absolute."""
+    from opdkit.data.sources import split_task_name
+
+    task, source = split_task_name(spec)
+    if source.startswith("alfworld:"):
+        return spec
+    prefix = "textworld:" if source.startswith("textworld:") else ""
+    absolute = prefix + os.path.abspath(os.path.expanduser(source[len(prefix):]))
+    return f"{task}={absolute}" if task is not None else absolute
 
 
 def _absolute_benchmark(spec: str) -> str:
@@ -197,12 +215,15 @@ def _wrap_lora(model, cfg: Config):
 
 
 def _load_prompts(cfg: Config, prompts):
-    from opdkit.data import PromptRecord, load_prompts
+    from opdkit.data import PromptRecord
+    from opdkit.data.sources import load_sources
+    from opdkit.envs.data import env_defaults
 
     if prompts is None:
         if cfg.data.train_path is None:
             raise OpdkitError("data.train_path must be set (or prompts passed in) to train")
-        prompts = load_prompts(cfg.data.train_path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
+        prompts = load_sources(cfg.data.train_path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key,
+                               env_defaults=env_defaults(cfg.env), alfworld_data=cfg.env.alfworld_data)
     records = [p if isinstance(p, PromptRecord) else PromptRecord(tuple(p)) for p in prompts]
     if not records:
         raise OpdkitError("no training prompts")
@@ -371,6 +392,15 @@ def build_components(
     records = check_prompt_lengths(records, tokenizer, cfg.data.max_prompt_tokens, overflow=cfg.data.prompt_overflow,
                                    log=log if dist.is_main else None)
 
+    from opdkit.train.tasks import TaskSchedule
+
+    schedule = TaskSchedule(records, mode=cfg.data.task_sampling, weights=cfg.data.task_weights, seed=cfg.run.seed,
+                            shuffle=cfg.data.shuffle)
+    teachers = _task_teachers(cfg, schedule, objective, student_rows=student_rows, drop_ids=drop_ids,
+                              student_tok=tokenizer, teacher_dtype=None if cfg.teacher.url else teacher_dtype,
+                              device=device, main=teacher_model, log=log if dist.is_main else None)
+    env_pool, env_template, episode_settings = _environments(cfg, records, eval_problems)
+
     params = [p for p in lm.parameters() if p.requires_grad]
     optimizer = make_adamw(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                            weight_decay=cfg.optim.weight_decay)
@@ -415,14 +445,109 @@ def build_components(
         cfg=cfg, run_dir=path, accelerator=accelerator, dist=dist, precision=precision, tokenizer=tokenizer,
         module=module, lm=inner, optimizer=optimizer, scheduler=scheduler, sampler=sampler, teacher=teacher,
         objective=objective, evaluator=evaluator, special_ids=special_ids, prompts=records,
-        head_description=head_description, load_dtype=load_dtype,
+        head_description=head_description, load_dtype=load_dtype, schedule=schedule, teachers=teachers,
+        env_pool=env_pool, env_template=env_template, episode_settings=episode_settings,
         identity={
             "student_sha256": model_dir_digest(cfg.model.path),
             "teacher_sha256": (model_dir_digest(cfg.teacher.path) if cfg.teacher.url is None
                                else teacher.model_sha256),
             "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
+            **({"task_teachers_sha256": {t: model_dir_digest(p) for t, p in _per_task(cfg).items()}}
+               if cfg.teacher.per_task else {}),
         },
     )
+
+
+def _per_task(cfg: Config) -> dict[str, str]:
+    """``teacher.per_task`` as ``{task: directory}``."""
+    out = {}
+    for spec in cfg.teacher.per_task:
+        task, sep, path = str(spec).partition("=")
+        if not sep or not task.strip() or not path.strip():
+            raise OpdkitError(f"teacher.per_task: {spec!r}: expected TASK=DIRECTORY")
+        if task.strip() in out:
+            raise OpdkitError(f"teacher.per_task: task {task.strip()!r} is given twice")
+        out[task.strip()] = path.strip()
+    return out
+
+
+def _task_teachers(cfg: Config, schedule, objective, *, student_rows, drop_ids, student_tok, teacher_dtype, device,
+                   main, log) -> dict:
+    """The teachers of ``teacher.per_task`` by task, each checked against the student; a directory named
+    twice (or equal to teacher.path) is loaded once."""
+    from opdkit.check import check_pair, require_compatible
+    from opdkit.hf import load_causal_lm, load_tokenizer
+    from opdkit.modeling import vocab_rows
+    from opdkit.teacher import build_teacher
+
+    per = _per_task(cfg)
+    if not per:
+        return {}
+    if not schedule.multitask:
+        raise OpdkitError("teacher.per_task: needs a multi-task run with data.task_sampling round_robin or weighted "
+                          "(a batch of data.task_sampling=mixed holds several tasks)")
+    unknown = [t for t in per if t not in schedule.tasks]
+    if unknown:
+        raise OpdkitError(f"teacher.per_task: {', '.join(unknown)} is not a task of data.train_path (tasks: "
+                          f"{', '.join(map(str, schedule.tasks))})")
+    loaded: dict[str, Any] = {}
+    out = {}
+    for task, path in per.items():
+        if path not in loaded:
+            if main is not None and cfg.teacher.path is not None and _same_dir(path, cfg.teacher.path):
+                loaded[path] = None  # the main teacher serves this task
+            else:
+                with _naming(f"teacher.per_task ({task})"):
+                    tok = load_tokenizer(path)
+                    model = load_causal_lm(path, dtype=teacher_dtype, device=device)
+                report = check_pair(student_tok, tok, student_rows=student_rows, teacher_rows=vocab_rows(model),
+                                    student=cfg.model.path, teacher=path)
+                require_compatible(report)
+                loaded[path] = build_teacher(cfg, objective.request, student_vocab_size=student_rows,
+                                             drop_ids=drop_ids, model=model, tokenizer=tok)
+                if log is not None:
+                    log(f"opdkit: task {task}: teacher {path}")
+        if loaded[path] is not None:
+            out[task] = loaded[path]
+    return out
+
+
+def _same_dir(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _environments(cfg: Config, records, eval_problems):
+    """The worker pool, prompt template and episode limits when the training data holds environments; else
+    ``(None, None, None)``, and an ``env.*`` setting changed from its default is refused (nothing reads it)."""
+    from opdkit.config import EnvConfig
+    from opdkit.envs.episodes import EpisodeSettings
+    from opdkit.envs.pool import EnvPool
+
+    if not any(r.env is not None for r in records):
+        evals = cfg.data.eval_path if isinstance(cfg.data.eval_path, list) else [cfg.data.eval_path]
+        if not any(isinstance(e, str) and ("textworld:" in e or "alfworld:" in e) for e in evals):
+            changed = [f"env.{k}" for k, v in vars(EnvConfig()).items() if getattr(cfg.env, k) != v]
+            if changed:
+                raise OpdkitError(f"{', '.join(changed)}: set, but the training data holds no environment (see "
+                                  "data.train_path); remove them")
+        return None, None, None
+    if cfg.teacher.own_chat_template:
+        raise OpdkitError("teacher.own_chat_template=true with environments in the training data is not supported "
+                          "(the teacher would need each episode's conversation re-rendered turn by turn)")
+    return EnvPool(cfg.env.processes, cfg.env.step_timeout_s), env_template(cfg.env), EpisodeSettings(
+        cfg.env.max_turns, cfg.env.max_turn_tokens, cfg.env.max_episode_tokens)
+
+
+def env_template(env_cfg):
+    """The episodes' :class:`~opdkit.envs.base.PromptTemplate` from the ``env`` config section."""
+    from opdkit.envs.base import PromptTemplate
+
+    tail = "\nAdmissible commands: {admissible_commands}" if env_cfg.admissible_commands else ""
+    return PromptTemplate(system=env_cfg.system_prompt or None, first="{observation}" + tail,
+                          later="{observation}" + tail)
 
 
 def make_adamw(params, **kw) -> torch.optim.AdamW:

@@ -54,7 +54,7 @@ from opdkit.train.checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from opdkit.train.metrics import MetricsLogger, truncate_metrics
+from opdkit.train.metrics import PER_TASK, MetricsLogger, truncate_metrics
 from opdkit.train.step import StepRecord, run_step
 
 __all__ = ["TrainingAborted", "TrainResult", "Trainer", "train"]
@@ -71,13 +71,6 @@ class TrainResult:
     skipped_steps: int
     final_dir: Path | None
     last_metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def _prompt_order(n_prompts: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
-    if not shuffle:
-        return list(range(n_prompts))
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n_prompts, generator=g).tolist()
 
 
 class Trainer:
@@ -147,16 +140,6 @@ class Trainer:
     @property
     def tokenizer(self):
         return self.c.tokenizer
-
-    # ------------------------------------------------------------------------------------- data order
-    def _prompts_for_step(self, counter: int) -> tuple[list, list[int], int]:
-        """The step's prompts, their data positions, and the next counter."""
-        n, out, positions = len(self.c.prompts), [], []
-        for pos in range(counter, counter + self.cfg.optim.prompts_per_step):
-            epoch, idx = divmod(pos, n)
-            out.append(self.c.prompts[_prompt_order(n, epoch, self.cfg.run.seed, self.cfg.data.shuffle)[idx]])
-            positions.append(pos)
-        return out, positions, counter + self.cfg.optim.prompts_per_step
 
     # ------------------------------------------------------------------------------------ checkpoints
     def _save(self, step: int, counters: dict[str, Any]) -> None:
@@ -278,6 +261,8 @@ class Trainer:
                 bar.close()
             if logger is not None:
                 logger.close()
+            if self.c.env_pool is not None:  # its workers: none outlives the run, a hung one included
+                self.c.env_pool.close()
         final = self.export()
         close = getattr(self.c.sampler, "close", None)
         if close is not None:  # vLLM's engine: its shutdown also leaves the process group
@@ -290,16 +275,24 @@ class Trainer:
     def _loop(self, start: int, counters: dict, logger, bar, stop: StopRequests, on_step):
         """Steps ``start .. optim.total_steps``; returns the last metrics and the number of skipped steps."""
         cfg, dist = self.cfg, self.c.dist
-        prompt_counter = int(counters.get("prompt_counter", 0))
+        from opdkit.train.tasks import ALL
+
+        data_counters = dict(counters.get("task_counters") or {ALL: int(counters.get("prompt_counter", 0))})
         skipped_total = int(counters.get("skipped_steps", 0))
         consecutive = int(counters.get("consecutive_skipped", 0))
         metrics: dict[str, Any] = {}
         for step in range(start, cfg.optim.total_steps):
-            records, positions, prompt_counter = self._prompts_for_step(prompt_counter)
+            records, positions, data_counters = self.c.schedule.take(step, data_counters,
+                                                                     cfg.optim.prompts_per_step)
             t = time.perf_counter()
             local, record = run_step(self.c, step, records, positions, keep_record=on_step is not None)
             local.max("time_step_s", time.perf_counter() - t)
             metrics = local.reduce(dist)
+            if self.c.schedule.multitask:  # the step's task, and its curves under their own names
+                task = str(records[0].task)
+                metrics["task"] = task
+                for k in [k for k in metrics if k in PER_TASK]:
+                    metrics[f"{k}@{task}"] = metrics[k]
             metrics["tokens_per_s"] = metrics["response_length"] * metrics["rollouts"] / metrics["time_step_s"]
             self.last_step = record
             if metrics["skipped"]:
@@ -323,7 +316,8 @@ class Trainer:
                     f"step {step + 1}: {consecutive} steps in a row were skipped "
                     f"({metrics.get('skip_reason', 'non-finite')}); last good checkpoint: {last}"
                 )
-            counters = {"prompt_counter": prompt_counter, "skipped_steps": skipped_total,
+            counters = {"prompt_counter": data_counters.get(ALL, 0), "task_counters": data_counters,
+                        "skipped_steps": skipped_total,
                         "consecutive_skipped": consecutive, "prompts_sha256": self.prompts_digest, **self.c.identity}
             # A skipped step changed nothing but counters: the last checkpoint stays the last good one.
             due = (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or done
@@ -405,7 +399,10 @@ def _digest(records) -> str:
 
     h = hashlib.sha256()
     for r in records:
-        h.update(json.dumps([list(r.messages), r.answer, r.task], sort_keys=True).encode())
+        item = [list(r.messages), r.answer, r.task]
+        if r.env is not None:  # (only then: the digests of prompt-only runs stay what they were)
+            item.append([r.env.kind, dict(r.env.args)])
+        h.update(json.dumps(item, sort_keys=True).encode())
     return h.hexdigest()
 
 

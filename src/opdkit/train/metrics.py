@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS", "MetricSpec", "MetricsLogger", "StepMetrics", "read_metrics", "truncate_metrics"]
+__all__ = ["METRICS", "PER_TASK", "MetricSpec", "MetricsLogger", "StepMetrics", "read_metrics", "truncate_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -63,6 +63,12 @@ METRICS: dict[str, MetricSpec] = {
     "special_masked_frac": _m("fraction of response tokens removed from the loss by special-token masking"),
     "prompt_truncated_frac": _m("fraction of responses whose prompt was cut to data.max_prompt_tokens (on the left)"),
     "rollouts": _m("responses sampled in the step (all processes)", "global"),
+    # multi-turn episodes (environment tasks)
+    "episode_success": _m("fraction of the step's episodes won"),
+    "episode_turns": _m("actions per episode"),
+    "env_failure_rate": _m("fraction of episodes ended by an environment that raised or overran env.step_timeout_s"),
+    # multi-task runs: the step's task; the metrics of PER_TASK are also logged as NAME@TASK
+    "task": _m("the task this step's batch came from (multi-task runs)", "global"),
     "tokens_per_s": _m("response tokens of the step (all processes) per second of the step", "global"),
     # time, seconds (slowest process)
     "time_rollout_s": _m("seconds sampling the rollout", "max"),
@@ -80,6 +86,11 @@ METRICS: dict[str, MetricSpec] = {
     # with several benchmarks in data.eval_path, also eval_<name>_accuracy for each; every eval_* above is then
     # the mean of the benchmarks' values (each counts once). eval.at_start logs a step-0 row of eval_* only.
 }
+
+
+#: Metrics a multi-task run also logs as ``NAME@TASK`` (the step's task), one curve per task.
+PER_TASK = ("loss", "k1", "negative_reward_frac", "teacher_support_mass", "entropy", "response_length",
+            "episode_success", "episode_turns")
 
 
 class StepMetrics:

@@ -37,7 +37,7 @@ from opdkit.student import student_pass
 from opdkit.train.metrics import StepMetrics
 from opdkit.types import FINISH_LENGTH, RolloutBatch, StudentPass, TeacherSignal
 
-__all__ = ["StepPlan", "StepRecord", "plan_step", "run_step"]
+__all__ = ["StepPlan", "StepRecord", "plan_step", "run_step", "turn_special_mask"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class StepRecord:
     student: StudentPass
     signal: TeacherSignal
     loss_mask_B_T: torch.Tensor
+    episodes: list | None = None  # multi-turn steps: how each row's episode went (opdkit.envs.episodes)
 
 
 def plan_step(step: int, positions: list[int], *, n_samples: int, mini_batches: int, run_seed: int,
@@ -130,17 +131,29 @@ def run_step(c, step: int, records: list, positions: list[int], *, keep_record: 
     G = len(positions) * cfg.rollout.n_samples
     mb = opt.micro_batch_size
 
-    # 1. rollout
+    # 1. rollout: prompts, or multi-turn episodes (a step's records are one kind: opdkit.train.tasks)
     t0 = time.perf_counter()
     c.module.eval()
     local_prompts = [records[p] for _, p, _ in plan.rows]
-    batch: RolloutBatch = c.sampler.sample(
-        [list(r.messages) for r in local_prompts], n_samples=1, seeds=[s for _, _, s in plan.rows],
-        prompt_index=[p for _, p, _ in plan.rows], task_ids=[r.task for r in local_prompts],
-    )
+    episodes = None
+    if local_prompts and local_prompts[0].env is not None:
+        from opdkit.envs.episodes import episode_metrics, run_episodes
+
+        batch, episodes = run_episodes(
+            c.sampler, c.env_pool, [r.env for r in local_prompts], [s for _, _, s in plan.rows],
+            template=c.env_template, settings=c.episode_settings, prompt_index=[p for _, p, _ in plan.rows])
+    else:
+        batch = c.sampler.sample(
+            [list(r.messages) for r in local_prompts], n_samples=1, seeds=[s for _, _, s in plan.rows],
+            prompt_index=[p for _, p, _ in plan.rows], task_ids=[r.task for r in local_prompts],
+        )
     metrics.max("time_rollout_s", time.perf_counter() - t0)
-    loss_mask = special_token_mask(batch.sampled_ids_B_T, c.special_ids, batch.response_mask_B_T.bool(),
-                                   mode=o.special_token_mode)
+    loss_mask = turn_special_mask(batch, c.special_ids, o.special_token_mode)
+    if episodes is not None:
+        em = episode_metrics(episodes)
+        metrics.mean("episode_success", em["success"] * len(episodes), len(episodes))
+        metrics.mean("episode_turns", em["turns"] * len(episodes), len(episodes))
+        metrics.mean("env_failure_rate", em["env_failures"] * len(episodes), len(episodes))
     B = batch.batch_size
 
     # 2. student pass (no grad, through the prepared module, under the precision policy), unless the sampler
@@ -164,7 +177,8 @@ def run_step(c, step: int, records: list, positions: list[int], *, keep_record: 
     # 3. teacher
     t2 = time.perf_counter()
     messages = [list(r.messages) for r in local_prompts] if cfg.teacher.own_chat_template else None
-    signal: TeacherSignal = c.teacher.score(
+    teacher = c.teachers.get(local_prompts[0].task, c.teacher) if c.teachers and local_prompts else c.teacher
+    signal: TeacherSignal = teacher.score(
         batch, student_support_ids_B_T_K=sp.topk_ids_B_T_K if c.objective.student_topk else None, messages=messages
     )
     metrics.max("time_teacher_s", time.perf_counter() - t2)
@@ -196,8 +210,23 @@ def run_step(c, step: int, records: list, positions: list[int], *, keep_record: 
     metrics.mean("prompt_truncated_frac", sum(r.truncated for r in local_prompts), B)
     metrics.set("rollouts", G)
     metrics.set("lr", float(c.scheduler.get_last_lr()[0]))
-    record = StepRecord(batch, sp, signal, loss_mask) if keep_record else None
+    record = StepRecord(batch, sp, signal, loss_mask, episodes) if keep_record else None
     return metrics, record
+
+
+def turn_special_mask(batch: RolloutBatch, special_ids, mode: str) -> torch.Tensor:
+    """The loss mask: the response mask minus the special tokens (``special_token_mask``), applied to each turn
+    of a multi-turn episode on its own, so that ``first`` masks the first occurrence in every turn (each turn
+    ends with its own end-of-turn token)."""
+    resp = batch.response_mask_B_T.bool()
+    mask = special_token_mask(batch.sampled_ids_B_T, special_ids, resp, mode=mode)
+    if mode != "first" or not any(len(t) > 1 for t in batch.turn_bounds):
+        return mask
+    for b, turns in enumerate(batch.turn_bounds):
+        for a, e in turns:
+            if e > a:
+                mask[b, a:e] = special_token_mask(batch.sampled_ids_B_T[b, a:e], special_ids, resp[b, a:e], mode=mode)
+    return mask
 
 
 def _diagnostics(c, metrics: StepMetrics, batch, sp: StudentPass, signal, loss_mask, support_lp, first, finite: bool):

@@ -1,0 +1,119 @@
+"""The environment protocol: what a multi-turn task looks like to opdkit's rollouts, trainer and evaluation.
+
+An environment is single-use: ``reset()`` starts its one episode and returns the first observation (text);
+``step(action)`` plays the student's reply and returns ``(observation, reward, done, info)``; when ``done``,
+``info["won"]`` says whether the episode succeeded. An action the game does not understand gets the game's
+own reply (``"I don't understand that"``...) and the episode goes on: it is the student's to learn.
+
+Environments are described by an :class:`EnvSpec` (a kind and its JSON-able arguments, e.g. a game file),
+so that they can be built in a worker process (:mod:`opdkit.envs.pool`) and written in a data file (one
+JSON object per line, see :mod:`opdkit.envs.data`). How an observation becomes the student's chat turn is
+the task's :class:`PromptTemplate`.
+
+Only the standard library is imported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from opdkit.errors import OpdkitError
+
+__all__ = ["EnvError", "EnvSpec", "Environment", "PromptTemplate", "StepResult", "register_env", "make_env",
+           "ENV_KINDS"]
+
+
+class EnvError(OpdkitError):
+    """An environment cannot be built or played (missing game file or data, bad arguments)."""
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """A single-use environment (one episode)."""
+
+    def reset(self) -> str:
+        """Start the episode; the first observation."""
+        ...
+
+    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+        """Play ``action``; ``(observation, reward, done, info)``, with ``info["won"]`` (bool) once done."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One ``step``'s outcome as it crosses a process boundary."""
+
+    observation: str
+    reward: float
+    done: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What to build: ``kind`` (a registered environment, e.g. ``"textworld"``) and its keyword arguments
+    (JSON-able: paths, numbers, strings); ``task`` names the task it belongs to (metrics are kept per task)."""
+
+    kind: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+    task: str | None = None
+
+    def describe(self) -> str:
+        first = next(iter(self.args.values()), None)
+        return f"{self.kind}({first})" if first is not None else self.kind
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How an episode is shown to the student: an optional system message, the first user message built from
+    the first observation, and every later observation as a user message.
+
+    ``first`` and ``later`` are ``str.format`` templates with ``{observation}`` (and any key of the
+    environment's ``info`` that the template names, e.g. ``{admissible_commands}``)."""
+
+    system: str | None = None
+    first: str = "{observation}"
+    later: str = "{observation}"
+
+    def render(self, observation: str, info: Mapping[str, Any], *, first: bool) -> str:
+        fields = {k: v for k, v in info.items() if isinstance(v, (str, int, float))}
+        try:
+            return (self.first if first else self.later).format(observation=observation, **fields)
+        except KeyError as exc:
+            raise EnvError(f"prompt template names {{{exc.args[0]}}}, which the environment does not give "
+                           f"(it gives: observation, {', '.join(sorted(fields)) or 'nothing else'})") from None
+
+
+_REGISTRY: dict[str, str] = {
+    # kind -> "module:factory"; imported only when an environment of that kind is built
+    "textworld": "opdkit.envs.textworld:TextWorldEnv",
+    "alfworld": "opdkit.envs.alfworld:ALFWorldEnv",
+    "scripted": "opdkit.envs.scripted:ScriptedEnv",
+}
+ENV_KINDS = tuple(_REGISTRY)
+
+
+def register_env(kind: str, target: str) -> None:
+    """Register an environment class or factory under ``kind`` as ``"module:attribute"`` (importable in a
+    worker process)."""
+    _REGISTRY[kind] = target
+
+
+def make_env(spec: EnvSpec) -> Environment:
+    """Build the environment ``spec`` describes (``EnvError`` for an unknown kind or bad arguments)."""
+    import importlib
+
+    target = _REGISTRY.get(spec.kind)
+    if target is None:
+        raise EnvError(f"environment kind {spec.kind!r} is unknown (known: {', '.join(sorted(_REGISTRY))})")
+    module, _, attr = target.partition(":")
+    factory = getattr(importlib.import_module(module), attr)
+    try:
+        return factory(**dict(spec.args))
+    except TypeError as exc:
+        raise EnvError(f"environment {spec.kind}: bad arguments {dict(spec.args)!r} ({exc})") from None
