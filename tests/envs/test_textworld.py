@@ -64,10 +64,10 @@ def test_missing_games_are_clear_errors(tmp_path, tw_games):
 
 
 def test_data_lines_and_sources_name_games(tmp_path, tw_games):
+    from opdkit.config import EnvConfig
     from opdkit.data.prompts import load_prompts
     from opdkit.data.sources import load_sources
     from opdkit.envs.data import env_defaults
-    from opdkit.config import EnvConfig
 
     games = tmp_path / "games"
     games.mkdir()

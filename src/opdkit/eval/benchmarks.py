@@ -77,6 +77,10 @@ def parse_benchmark_spec(spec: str) -> tuple[str, str]:
         source = head
         if head.startswith(("rg:", "hf:")):
             name = head.split(":", 1)[1].split(":")[0].rsplit("/", 1)[-1]
+        elif head.startswith("textworld:"):
+            name = "textworld"
+        elif head.startswith("alfworld:"):
+            name = "alfworld-" + head.split(":", 1)[1]
         else:
             name = Path(head).stem if head != "demo" else "demo"
     name, source = name.strip(), source.strip()
@@ -318,6 +322,8 @@ def load_benchmark(
     system: str | None = None,
     max_problems: int = 0,
     seed: int = 0,
+    env_defaults=None,
+    alfworld_data: str | None = None,
 ) -> Benchmark:
     """Load one benchmark from ``spec`` (see the module docstring). ``DataError`` names the file and record.
 
@@ -328,8 +334,12 @@ def load_benchmark(
         max_problems: keep the first this many problems (0 = all); the size of a built-in task.
         seed: seed of a built-in task's problems (0 by default, and in ``opdkit eval`` and the trainer, so that
             a benchmark is the same problem set whatever the sampling seed).
+        env_defaults, alfworld_data: for environment benchmarks (``textworld:DIR``, ``alfworld:SPLIT``, a JSONL
+            file of ``env`` lines): the arguments every environment of a kind gets, and ALFWorld's data folder.
     """
     name, source = parse_benchmark_spec(spec)
+    if source.startswith(("textworld:", "alfworld:")) or _is_env_file(source):
+        return _env_benchmark(name, source, max_problems, env_defaults or {}, alfworld_data)
     source, own_fields = split_fields(source, name)
     fields = {**dict(fields or {}), **own_fields}  # the spec's own mapping wins over the caller's default
     unknown = set(fields) - {"prompt", "answer"}
@@ -356,6 +366,37 @@ def load_benchmark(
         bench.problems = [PromptRecord(({"role": "system", "content": system},) + p.messages, p.answer, p.task,
                                        p.source) for p in bench.problems]
     return bench
+
+
+def _is_env_file(source: str) -> bool:
+    """A JSONL file whose first record is an environment line (``{"env": ...}``)."""
+    path = Path(source.partition("#")[0]).expanduser()
+    if path.suffix != ".jsonl" or not path.is_file():
+        return False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    return isinstance(json.loads(line), dict) and "env" in json.loads(line)
+                except ValueError:
+                    return False
+    return False
+
+
+def _env_benchmark(name: str, source: str, max_problems: int, env_defaults, alfworld_data) -> Benchmark:
+    """A benchmark of environments: games played to a win (:mod:`opdkit.envs.evaluate`)."""
+    from opdkit.data.prompts import load_prompts
+    from opdkit.envs.data import env_source_records, is_env_source
+
+    if is_env_source(source):
+        records = env_source_records(source, name, env_defaults, alfworld_data=alfworld_data)
+    else:
+        records = load_prompts(source, env_defaults=env_defaults)
+        if any(r.env is None for r in records):
+            raise DataError(f"benchmark {name}: '{source}' mixes prompts and environments; give each its own file")
+    if max_problems:
+        records = records[:max_problems]
+    return Benchmark(name, records, source)
 
 
 def load_benchmarks(specs: Sequence[str], **kwargs) -> list[Benchmark]:

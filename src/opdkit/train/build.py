@@ -154,8 +154,11 @@ def _absolute_benchmark(spec: str) -> str:
         name, source = parse_benchmark_spec(spec)
     except OpdkitError as exc:
         raise OpdkitError(f"data.eval_path: {exc}") from None
-    if source == "demo" or source.startswith(("rg:", "hf:")):
+    if source == "demo" or source.startswith(("rg:", "hf:", "alfworld:")):
         return spec
+    if source.startswith("textworld:"):
+        absolute = "textworld:" + os.path.abspath(os.path.expanduser(source[len("textworld:"):]))
+        return f"{name}={absolute}" if "=" in spec else absolute
     absolute = os.path.abspath(os.path.expanduser(source))
     return f"{name}={absolute}" if "=" in spec else absolute
 
@@ -250,8 +253,11 @@ def eval_benchmarks(cfg: Config) -> list:
         raise OpdkitError("data.eval_path: an empty list; set null for no evaluation")
     fields = {k: v for k, v in (("prompt", cfg.data.prompt_key), ("answer", cfg.data.answer_key))
               if v != k}
+    from opdkit.envs.data import env_defaults
+
     return load_benchmarks(specs, fields=fields, template=cfg.eval.prompt_template,
-                           max_problems=cfg.eval.max_problems)
+                           max_problems=cfg.eval.max_problems, env_defaults=env_defaults(cfg.env),
+                           alfworld_data=cfg.env.alfworld_data)
 
 
 def _build_evaluator(cfg: Config, dist: Dist, generate_fn, eval_problems):
@@ -268,8 +274,23 @@ def _build_evaluator(cfg: Config, dist: Dist, generate_fn, eval_problems):
         eval_problems = eval_benchmarks(cfg)
     elif cfg.eval.max_problems:
         eval_problems = list(eval_problems)[: cfg.eval.max_problems]
-    return SamplingEvaluator(eval_problems, eval_settings(cfg), rank=dist.rank, world=dist.world,
-                             reduce_sum=dist.sum, generate_fn=generate_fn)
+    from opdkit.envs.episodes import EpisodeSettings
+    from opdkit.envs.evaluate import CombinedEvaluator, EpisodeEvaluator, is_env_benchmark
+    from opdkit.eval.benchmarks import Benchmark
+
+    items = list(eval_problems)
+    envs = [b for b in items if isinstance(b, Benchmark) and is_env_benchmark(b)]
+    texts = [b for b in items if not (isinstance(b, Benchmark) and is_env_benchmark(b))]
+    text_eval = SamplingEvaluator(texts, eval_settings(cfg), rank=dist.rank, world=dist.world, reduce_sum=dist.sum,
+                                  generate_fn=generate_fn) if texts else None
+    if not envs:
+        return text_eval
+    env_eval = EpisodeEvaluator(envs, eval_settings(cfg), template=env_template(cfg.env),
+                                episode=EpisodeSettings(cfg.env.max_turns, cfg.env.max_turn_tokens,
+                                                        cfg.env.max_episode_tokens),
+                                processes=cfg.env.processes, timeout_s=cfg.env.step_timeout_s, rank=dist.rank,
+                                world=dist.world, reduce_sum=dist.sum, generate_fn=generate_fn)
+    return env_eval if text_eval is None else CombinedEvaluator([text_eval, env_eval])
 
 
 def build_components(

@@ -54,6 +54,9 @@ class TaskSchedule:
         self.mode = mode if len(tasks) > 1 else "mixed"
         if self.mode == "mixed":
             kinds = {r.env is not None for r in self.records}
+            if len(kinds) > 1 and len(tasks) == 1:
+                raise OpdkitError(f"task {tasks[0]!r} has both prompts and environments; give each kind its own "
+                                  "task (TASK=SOURCE in data.train_path)")
             if len(kinds) > 1:
                 raise OpdkitError("data.task_sampling=mixed: the training data has both prompts and environments; "
                                   "a batch holds one kind: use round_robin or weighted")
