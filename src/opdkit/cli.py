@@ -216,6 +216,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return main_run_report(args.rest)
 
 
+def _cmd_envs(args: argparse.Namespace) -> int:
+    from opdkit.envs.cli import main_envs
+
+    return main_envs(args.rest)
+
+
 def _device(name: str | None, what: str):
     """A torch device from a user's string, or a clear error (``gpu0`` is not a device; cuda needs CUDA)."""
     if name is None:
@@ -339,6 +345,16 @@ exit status: 0 done; 2 bad input (the message names the file, line, key or argum
     p.add_argument("what", choices=("variance", "run"))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="flags of the mode (see opdkit analyze MODE --help)")
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser(
+        "envs",
+        help="make TextWorld games offline, play a game",
+        description="opdkit envs make-games OUT [--n N --difficulty easy|medium|hard --split train|test]: TextWorld "
+        "games for training and evaluation. opdkit envs play GAME [COMMAND ...] [--walkthrough]: play one as the "
+        "student sees it. Add --help after the mode for its flags and the data-line format.",
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="MODE and its flags (make-games, play)")
+    p.set_defaults(func=_cmd_envs)
 
     d = _eval_defaults()
     p = sub.add_parser(
