@@ -163,10 +163,12 @@ def test_episodes_do_not_depend_on_the_batch_or_the_worker_processes(student):
     assert together[2].actions == alone[0].actions
 
 
-def test_action_text():
-    assert action_text("  open door \nand more") == "open door"
-    assert action_text("<think>hmm\nmaybe</think>\ngo north") == "go north"
-    assert action_text("") == ""
+def test_the_command_of_a_reply():
+    from opdkit.envs.base import command_of
+
+    assert command_of("  open door \nand more") == "open door"
+    assert command_of("<think>hmm\nmaybe</think>\ngo north") == "go north"
+    assert command_of("") == "" and action_text("  all of it \n") == "all of it"
 
 
 def test_turn_special_mask_masks_the_first_end_of_turn_of_every_turn(student):

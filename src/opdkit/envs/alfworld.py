@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from opdkit.envs.base import EnvError
+from opdkit.envs.base import EnvError, command_of
 
 __all__ = ["ALFWorldEnv", "TASK_TYPES", "SPLITS", "alfworld_data_root", "list_alfworld_games", "task_type_of",
            "success_by_task_type", "alfworld_names"]
@@ -218,8 +218,8 @@ class ALFWorldEnv:
             raise EnvError(f"ALFWorld game {self.game_file}: step() before reset() (or after close())")
         if self._done:
             raise EnvError(f"ALFWorld game {self.game_file}: step() after the episode ended")
-        # one command per turn: the reply's first line (as for TextWorld games); the game strips the rest
-        command = action.strip().splitlines()[0] if action.strip() else ""
+        # one command per turn: the reply's first line after any </think> (opdkit.envs.base.command_of)
+        command = command_of(action)
         state, _, _ = self._env.step(command)
         self._steps += 1
         won = bool(state["won"])

@@ -1,7 +1,8 @@
 """The environment protocol: what a multi-turn task looks like to opdkit's rollouts, trainer and evaluation.
 
 An environment is single-use: ``reset()`` starts its one episode and returns the first observation (text);
-``step(action)`` plays the student's reply and returns ``(observation, reward, done, info)``; when ``done``,
+``step(action)`` plays the student's reply (its whole text: a game takes its command with :func:`command_of`, a
+single-turn problem grades all of it) and returns ``(observation, reward, done, info)``; when ``done``,
 ``info["won"]`` says whether the episode succeeded. An action the game does not understand gets the game's
 own reply (``"I don't understand that"``...) and the episode goes on: it is the student's to learn.
 
@@ -21,12 +22,23 @@ from typing import Any, Protocol, runtime_checkable
 
 from opdkit.errors import OpdkitError
 
-__all__ = ["EnvError", "EnvSpec", "Environment", "PromptTemplate", "StepResult", "register_env", "make_env",
-           "ENV_KINDS"]
+__all__ = ["EnvError", "EnvSpec", "Environment", "PromptTemplate", "StepResult", "command_of", "register_env",
+           "make_env", "ENV_KINDS"]
 
 
 class EnvError(OpdkitError):
     """An environment cannot be built or played (missing game file or data, bad arguments)."""
+
+
+def command_of(reply: str) -> str:
+    """The command in a student's reply to a text game: after a ``</think>`` block if there is one, the first
+    non-empty line, stripped (a game takes one command per turn)."""
+    if "</think>" in reply:
+        reply = reply.rsplit("</think>", 1)[1]
+    for line in reply.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
 
 
 @runtime_checkable

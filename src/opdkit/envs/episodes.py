@@ -4,12 +4,12 @@ episode becomes one token sequence of a :class:`~opdkit.types.RolloutBatch`.
 An episode is a chat conversation. Its prompt is the task's system message and the first observation as a
 user message (the chat template with a generation prompt). At each turn every live episode's conversation so
 far, as token ids, is continued by ``sampler.sample_tokens`` (all live episodes in one batch, at most
-``max_turn_tokens`` each); the reply, decoded, is the action (the text after a ``</think>`` if there is one,
-its first line), played in the environment (all episodes at once, in the :class:`~opdkit.envs.pool.EnvPool`'s
-worker processes). Unless the episode is over, the tokens the chat template puts between the student's turn
-and its next one — the end of the assistant turn, the observation as a user turn, the next generation prompt —
-are appended, and the next turn goes on from exactly the tokens the student produced (never re-tokenized
-text: the log-probs of the sequence are the ones it was sampled with).
+``max_turn_tokens`` each); the reply, decoded, is the action (a game plays its first line after any
+``</think>``: :func:`opdkit.envs.base.command_of`), played in the environment (all episodes at once, in the
+:class:`~opdkit.envs.pool.EnvPool`'s worker processes). Unless the episode is over, the tokens the chat
+template puts between the student's turn and its next one (the end of the assistant turn, the observation as
+a user turn, the next generation prompt) are appended, and the next turn goes on from exactly the tokens the
+student produced (never re-tokenized text: the log-probs of the sequence are the ones it was sampled with).
 
 The batch: ``prompt_len`` columns of left-padded prompts, then the rest of each episode (right-padded).
 ``response_mask_B_T`` is 1 only on the student's own tokens (every turn's, its end-of-turn token included);
@@ -66,13 +66,9 @@ class EpisodeResult:
 
 
 def action_text(text: str) -> str:
-    """The command in a reply: after a ``</think>`` block if there is one, the first non-empty line, stripped."""
-    if "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
+    """What is sent to the environment for a reply: its text, stripped (the environment takes its command from
+    it: :func:`opdkit.envs.base.command_of` for games; a single-turn problem grades all of it)."""
+    return text.strip()
 
 
 def turn_suffix(tokenizer, observation: str, *, system: str | None, after_eos: str | None) -> list[int]:

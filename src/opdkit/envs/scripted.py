@@ -13,6 +13,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from opdkit.envs.base import command_of
+
 __all__ = ["ScriptedEnv"]
 
 
@@ -42,7 +44,7 @@ class ScriptedEnv:
         return self.first
 
     def step(self, action: str):
-        action = action.strip()
+        action = command_of(action)
         if action == self.raise_on:
             raise RuntimeError(f"scripted failure on {action!r}")
         if action == self.hang_on:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opdkit.envs.base import EnvError
+from opdkit.envs.base import EnvError, command_of
 
 __all__ = ["DIFFICULTIES", "Difficulty", "TextWorldEnv", "clean_observation", "make_games", "game_seed"]
 
@@ -97,8 +97,8 @@ class TextWorldEnv:
     def step(self, action: str):
         if self._env is None:
             raise EnvError("TextWorldEnv.step before reset")
-        # one command per turn: the first line of the reply, without the chat's end-of-turn noise
-        command = action.strip().splitlines()[0].strip() if action.strip() else ""
+        # one command per turn: the reply's first line after any </think> (opdkit.envs.base.command_of)
+        command = command_of(action)
         state, _score, done = self._env.step(command)
         self.steps += 1
         won = bool(state.get("won"))
