@@ -82,3 +82,13 @@ def test_bad_pool_settings_are_clear_errors():
         from opdkit.envs.base import make_env
 
         make_env(EnvSpec("nethack", {}))
+
+
+def test_a_single_turn_problem_is_one_graded_step():
+    problem = {"problem": "What is 2 + 2?", "answer": "4"}
+    with EnvPool(processes=1, timeout_s=30) as pool:
+        first = pool.reset([EnvSpec("problem", problem), EnvSpec("problem", problem)])
+        assert first[0].observation == "What is 2 + 2?"
+        out = pool.step({0: "<think>2 and 2</think> It is \\boxed{4}.", 1: "\\boxed{5}"})
+    assert out[0].done and out[0].info["won"] and out[0].reward == 1.0
+    assert out[1].done and not out[1].info["won"]

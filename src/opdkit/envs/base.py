@@ -106,6 +106,7 @@ _REGISTRY: dict[str, str] = {
     "textworld": "opdkit.envs.textworld:TextWorldEnv",
     "alfworld": "opdkit.envs.alfworld:ALFWorldEnv",
     "scripted": "opdkit.envs.scripted:ScriptedEnv",
+    "problem": "opdkit.envs.problem:ProblemEnv",
 }
 ENV_KINDS = tuple(_REGISTRY)
 
