@@ -51,6 +51,9 @@ def _files(tmp_path):
 
 def test_every_config_field_is_read_or_refused(tmp_path, tiny_model_dirs, reads):
     train = _files(tmp_path)
+    games = tmp_path / "games.jsonl"
+    games.write_text("".join(json.dumps({"env": "scripted", "task": "toy", "args": {
+        "first": f"Room {i}.", "goal": ["go"], "admissible": ["go", "wait"]}}) + "\n" for i in range(2)))
     token = tmp_path / "token"
     token.write_text("a-token\n")
     common = [f"model.path={tiny_model_dirs['qwen2']}", f"teacher.path={tiny_model_dirs['llama']}",
@@ -66,6 +69,11 @@ def test_every_config_field_is_read_or_refused(tmp_path, tiny_model_dirs, reads)
         ["objective.kind=sampled_token", "optim.mini_batches=2", "objective.reward_clip=2.0",
          "optim.schedule=cosine", "optim.warmup_steps=1", "optim.grad_clip=null"],
         ["objective.kind=full_reverse_kl", "run.overwrite=true"],
+        # multi-task: a math task and a text-game task, each with its own teacher, drawn by weight
+        [f"data.train_path=[math={train},{games}]", "data.task_sampling=weighted", "data.task_weights=[math=1,toy=3]",
+         f"teacher.per_task=[toy={tiny_model_dirs['qwen2']}]", "env.max_turns=2", "env.max_turn_tokens=4",
+         "env.max_episode_tokens=512", "env.admissible_commands=true", "env.system_prompt=Play.", "env.processes=1",
+         "env.step_timeout_s=30", f"env.alfworld_data={tmp_path}", "optim.total_steps=2"],
         ["teacher.url=SERVER", "teacher.api=opdkit", f"teacher.token_file={token}", "teacher.timeout_s=60",
          "teacher.retries=2"],
     ]
