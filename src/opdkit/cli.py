@@ -168,6 +168,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except InputError as exc:  # name the flag, not the field
         message = re.sub(r"\b(" + "|".join(_EVAL_FLAGS) + r")\b", lambda m: _EVAL_FLAGS[m.group(1)], str(exc))
         raise OpdkitError(message) from None
+    env = _env_settings(args)
     out = Path(args.out).expanduser()
     try:
         with _terminate_as_interrupt(sigint=True) as stop_requested:
@@ -175,7 +176,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                template=args.prompt_template, system=args.system, max_problems=args.max_problems,
                                ks=args.k, device=args.device, precision=args.precision,
                                chat_template=args.chat_template, trust_remote_code=args.trust_remote_code,
-                               progress=not args.no_progress, threads=args.threads, stop_requested=stop_requested)
+                               progress=not args.no_progress, threads=args.threads, stop_requested=stop_requested,
+                               env=env)
     except KeyboardInterrupt:
         samples = out / SAMPLES_FILE
         if samples.exists() and samples.stat().st_size:
@@ -189,6 +191,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(summary), end="")
     print(f"wrote {out}/summary.json, summary.md and samples.jsonl")
     return 0
+
+
+def _env_settings(args):
+    """The ``env`` settings of ``opdkit eval``'s game flags (each checked as the config field it mirrors)."""
+    from opdkit.config import load_config
+    from opdkit.errors import ConfigError
+
+    overrides = {"env.max_turns": args.max_turns, "env.max_turn_tokens": args.max_turn_tokens,
+                 "env.max_episode_tokens": args.max_episode_tokens, "env.admissible_commands": args.admissible_commands,
+                 "env.processes": args.env_processes, "env.step_timeout_s": args.step_timeout,
+                 "env.alfworld_data": args.alfworld_data}
+    if args.env_system is not None:
+        overrides["env.system_prompt"] = args.env_system
+    flags = {"env.max_turns": "--max-turns", "env.max_turn_tokens": "--max-turn-tokens",
+             "env.max_episode_tokens": "--max-episode-tokens", "env.processes": "--env-processes",
+             "env.step_timeout_s": "--step-timeout"}
+    try:
+        return load_config(None, overrides).env
+    except ConfigError as exc:
+        import re
+
+        message = re.sub(r"^override '[^']*': ", "", str(exc))
+        for key, flag in flags.items():
+            message = message.replace(key, flag)
+        raise OpdkitError(message) from None
 
 
 def _eval_defaults():
@@ -422,6 +449,23 @@ exit status: 0 done; 2 bad input; 75 interrupted (samples so far kept: run the s
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = the cores this process may use "
                    "(affinity, cgroup quota). A busy core slows 2-thread torch 20-70x (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from opdkit.config import EnvConfig
+
+    e = EnvConfig()
+    g = p.add_argument_group("text games (textworld:DIR, alfworld:SPLIT, JSONL of env lines: each sample is an "
+                             "episode, correct when won)")
+    g.add_argument("--max-turns", type=int, default=e.max_turns, help="actions per episode (default %(default)s)")
+    g.add_argument("--max-turn-tokens", type=int, default=e.max_turn_tokens,
+                   help="tokens per turn (default %(default)s)")
+    g.add_argument("--max-episode-tokens", type=int, default=e.max_episode_tokens,
+                   help="tokens per episode, observations included (default %(default)s)")
+    g.add_argument("--admissible-commands", action="store_true", help="list the valid commands in every observation")
+    g.add_argument("--env-system", default=None, metavar="TEXT", help="the episodes' system message (default: "
+                   "env.system_prompt's)")
+    g.add_argument("--env-processes", type=int, default=e.processes, help="environment worker processes")
+    g.add_argument("--step-timeout", type=float, default=e.step_timeout_s, metavar="SECONDS",
+                   help="time limit of one environment step (default %(default)s)")
+    g.add_argument("--alfworld-data", default=None, metavar="DIR", help="ALFWorld's data (default $ALFWORLD_DATA)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("plot", help="PNG curves of a run's metrics", description="Plot RUN_DIR/metrics.jsonl.")

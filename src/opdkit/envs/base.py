@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 from opdkit.errors import OpdkitError
 
 __all__ = ["EnvError", "EnvSpec", "Environment", "PromptTemplate", "StepResult", "command_of", "register_env",
-           "make_env", "ENV_KINDS"]
+           "template_from_config", "make_env", "ENV_KINDS"]
 
 
 class EnvError(OpdkitError):
@@ -99,6 +99,14 @@ class PromptTemplate:
         except KeyError as exc:
             raise EnvError(f"prompt template names {{{exc.args[0]}}}, which the environment does not give "
                            f"(it gives: observation, {', '.join(sorted(fields)) or 'nothing else'})") from None
+
+
+def template_from_config(env_cfg) -> PromptTemplate:
+    """The episodes' template from the ``env`` config section: its system prompt; every observation as the user
+    turn, followed by the admissible commands when ``env.admissible_commands``."""
+    tail = "\nAdmissible commands: {admissible_commands}" if env_cfg.admissible_commands else ""
+    return PromptTemplate(system=env_cfg.system_prompt or None, first="{observation}" + tail,
+                          later="{observation}" + tail)
 
 
 _REGISTRY: dict[str, str] = {

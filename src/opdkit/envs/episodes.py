@@ -48,6 +48,11 @@ class EpisodeSettings:
     max_turn_tokens: int = 64
     max_tokens: int = 4096
 
+    @classmethod
+    def from_config(cls, env_cfg) -> EpisodeSettings:
+        """From the ``env`` config section."""
+        return cls(env_cfg.max_turns, env_cfg.max_turn_tokens, env_cfg.max_episode_tokens)
+
 
 @dataclass(frozen=True)
 class EpisodeResult:
@@ -63,6 +68,7 @@ class EpisodeResult:
     actions: tuple[str, ...] = ()
     observations: tuple[str, ...] = ()
     finish: str = FINISH_LENGTH
+    tokens: int = 0  # the student's own tokens over all turns
 
 
 def action_text(text: str) -> str:
@@ -191,7 +197,7 @@ def run_episodes(sampler, pool, specs: Sequence[EnvSpec], seeds: Sequence[int], 
     pool.close_episodes()
     batch = _assemble(eps, pad, have_stats, prompt_index)
     results = [EpisodeResult(ep.spec.task, ep.won, len(ep.actions), ep.reward, ep.failure, tuple(ep.actions),
-                             tuple(ep.observations), ep.finish) for ep in eps]
+                             tuple(ep.observations), ep.finish, sum(ep.student)) for ep in eps]
     return batch, results
 
 

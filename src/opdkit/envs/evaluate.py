@@ -55,13 +55,31 @@ class EpisodeEvaluator:
 
     def run(self, model, tokenizer, items: Sequence[tuple[int, int, int]]) -> list[EpisodeResult]:
         """Play ``(benchmark, game, sample)`` items in batches; the results in the same order."""
+        return [r for batch in self.run_batches(model, tokenizer, items) for _, r in batch]
+
+    def samples(self, model, tokenizer, items: Sequence[tuple[int, int, int]]):
+        """As :meth:`run`, batch by batch, each episode as an ``opdkit eval`` :class:`~opdkit.eval.evaluator.Sample`
+        (response: the transcript; answer: the last action; correct: won; status: won, lost or the failure)."""
+        from opdkit.eval.evaluator import Sample
+
+        for batch in self.run_batches(model, tokenizer, items):
+            out = []
+            for (b, p, j), r in batch:
+                transcript = "\n".join(f"> {a}\n{o}" for a, o in zip(r.actions, r.observations[1:], strict=False))
+                status = "won" if r.won else (f"failure: {r.failure}" if r.failure else "lost")
+                out.append(Sample(self.benchmarks[b].name, p, j, r.observations[0], transcript,
+                                  r.actions[-1] if r.actions else None, "won", bool(r.won), status, r.tokens,
+                                  r.finish == "length"))
+            yield out
+
+    def run_batches(self, model, tokenizer, items: Sequence[tuple[int, int, int]]):
+        """Yield each batch's ``[((benchmark, game, sample), EpisodeResult), ...]``."""
         from opdkit.envs.pool import EnvPool
         from opdkit.eval.evaluator import benchmark_seed
         from opdkit.rollout.hf_sampler import HFSampler
 
         s = self.settings
         sampler = HFSampler(model, tokenizer, s.rollout(), generate_fn=self.generate_fn, record_stats=False)
-        out: list[EpisodeResult] = []
         was_training = model.training
         model.eval()
         try:
@@ -73,10 +91,9 @@ class EpisodeEvaluator:
                              for b, p, j in chunk]
                     _, results = run_episodes(sampler, pool, specs, seeds, template=self.template,
                                               settings=self.episode)
-                    out.extend(results)
+                    yield list(zip(chunk, results, strict=True))
         finally:
             model.train(was_training)
-        return out
 
     def evaluate(self, model, tokenizer, step: int = 0) -> dict[str, float]:
         """Success rates over every game (collective under the trainer: every process must call it)."""

@@ -212,6 +212,28 @@ def format_table(summary: dict, markdown: bool = False) -> str:
     return "\n".join([fmt.format(*head)] + [fmt.format(*r) for r in rows]) + "\n"
 
 
+def _batches(benchmarks, games, settings, env, model, tokenizer, todo, pool, timings):
+    """The graded samples of ``todo``, batch by batch: answers to problems, then episodes of games."""
+    from opdkit.envs.base import template_from_config
+    from opdkit.envs.episodes import EpisodeSettings
+    from opdkit.envs.evaluate import EpisodeEvaluator
+    from opdkit.eval.evaluator import SamplingEvaluator
+
+    texts = [b for b in benchmarks if b not in games]
+
+    def local(group):
+        where = {benchmarks.index(b): i for i, b in enumerate(group)}
+        return [(where[b], p, j) for b, p, j in todo if b in where]
+
+    if local(texts):
+        yield from SamplingEvaluator(texts, settings).run(model, tokenizer, local(texts), pool=pool, timings=timings)
+    if local(games):
+        episodes = EpisodeEvaluator(games, settings, template=template_from_config(env),
+                                    episode=EpisodeSettings.from_config(env), processes=env.processes,
+                                    timeout_s=env.step_timeout_s)
+        yield from episodes.samples(model, tokenizer, local(games))
+
+
 def run_eval(
     model_path: str,
     specs: Sequence[str],
@@ -231,6 +253,7 @@ def run_eval(
     threads: int = 0,
     log=None,
     stop_requested=None,
+    env=None,
 ) -> dict:
     """Evaluate the model in ``model_path`` on the benchmarks ``specs`` (see :mod:`opdkit.eval.benchmarks`)
     with ``settings`` (:class:`~opdkit.eval.evaluator.EvalSettings`); write and return the summary.
@@ -238,13 +261,14 @@ def run_eval(
     Everything is validated (output directory, benchmark files, model, chat template, an existing
     evaluation's settings) before the first file is written. ``stop_requested()`` is asked after every
     batch; True raises ``KeyboardInterrupt`` there (a signal whose exception a library swallowed, e.g. inside
-    in-process grading, still stops the run).
+    in-process grading, still stops the run). ``env``: an :class:`opdkit.config.EnvConfig` for environment
+    benchmarks (``textworld:DIR``, ``alfworld:SPLIT``, JSONL of ``env`` lines): each sample is then an episode,
+    correct when won.
     """
     import torch
 
     from opdkit.data.chat import apply_chat_template_setting
     from opdkit.eval.benchmarks import DEFAULT_TEMPLATE, load_benchmarks
-    from opdkit.eval.evaluator import SamplingEvaluator
     from opdkit.eval.grading import GradingPool
     from opdkit.hf import load_causal_lm, load_tokenizer, model_dir_digest
     from opdkit.modeling import context_length
@@ -260,8 +284,15 @@ def run_eval(
         bad = [k for k in ks if not isinstance(k, int) or k < 1 or k > settings.n_samples]
         if bad:
             raise OpdkitError(f"--k {', '.join(map(str, bad))}: pass@k needs 1 <= k <= n = {settings.n_samples}")
+    from opdkit.config import EnvConfig
+    from opdkit.envs.data import env_defaults
+    from opdkit.envs.evaluate import is_env_benchmark
+
+    env = env if env is not None else EnvConfig()
     benchmarks = load_benchmarks(list(specs), fields=fields, template=template or DEFAULT_TEMPLATE, system=system,
-                                 max_problems=max_problems)
+                                 max_problems=max_problems, env_defaults=env_defaults(env),
+                                 alfworld_data=env.alfworld_data)
+    games = [b for b in benchmarks if is_env_benchmark(b)]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
@@ -287,6 +318,10 @@ def run_eval(
     manifest["settings"].pop("grading_processes")
     if settings.greedy:  # not used by greedy decoding
         manifest["settings"]["temperature"] = manifest["settings"]["top_p"] = None
+    if games:  # what an episode depends on
+        manifest["settings"]["env"] = {k: getattr(env, k) for k in ("max_turns", "max_turn_tokens",
+                                                                    "max_episode_tokens", "admissible_commands",
+                                                                    "system_prompt")}
     if resume:
         try:
             old = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
@@ -297,7 +332,8 @@ def run_eval(
         manifest["settings"]["n_samples"] = max(settings.n_samples, old.get("settings", {}).get("n_samples", 0))
     model = load_causal_lm(model_path, dtype="bfloat16" if prec.name == "bf16" and dev.type == "cuda" else "float32",
                            trust_remote_code=trust_remote_code, device=dev)
-    _check_prompts(benchmarks, tokenizer, context_length(model), settings.max_new_tokens, log)
+    _check_prompts([b for b in benchmarks if b not in games], tokenizer, context_length(model),
+                   settings.max_new_tokens, log)
 
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
@@ -305,8 +341,8 @@ def run_eval(
     _write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     rows = read_samples(out)
     done = {(r["benchmark"], r["problem"], r["sample"]) for r in rows}
-    evaluator = SamplingEvaluator(benchmarks, settings)
-    todo = [(b, p, j) for b, p, j in evaluator.all_items() if (benchmarks[b].name, p, j) not in done]
+    todo = [(b, p, j) for b, bench in enumerate(benchmarks) for p in range(len(bench.problems))
+            for j in range(settings.n_samples) if (bench.name, p, j) not in done]
     if resume:
         log(f"opdkit eval: continuing in {out}: {len(rows)} samples already there, {len(todo)} to go")
     timings: dict = {}
@@ -317,11 +353,11 @@ def run_eval(
 
         bar = tqdm(total=len(todo), desc="eval", unit="answer", dynamic_ncols=True)
     pool = None
-    if settings.grading_processes > 0 and any(b.grader is None for b in benchmarks):
+    if settings.grading_processes > 0 and any(b.grader is None for b in benchmarks if b not in games):
         pool = GradingPool(settings.grading_processes, timeout_s=settings.grading_timeout_s)
     try:
         with open(out / SAMPLES_FILE, "a", encoding="utf-8") as f, prec.autocast():
-            for batch in evaluator.run(model, tokenizer, todo, pool=pool, timings=timings):
+            for batch in _batches(benchmarks, games, settings, env, model, tokenizer, todo, pool, timings):
                 lines = [dataclasses.asdict(s) for s in batch]
                 f.write("".join(_jsonl_line(r) for r in lines))
                 f.flush()

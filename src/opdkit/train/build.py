@@ -274,6 +274,7 @@ def _build_evaluator(cfg: Config, dist: Dist, generate_fn, eval_problems):
         eval_problems = eval_benchmarks(cfg)
     elif cfg.eval.max_problems:
         eval_problems = list(eval_problems)[: cfg.eval.max_problems]
+    from opdkit.envs.base import template_from_config
     from opdkit.envs.episodes import EpisodeSettings
     from opdkit.envs.evaluate import CombinedEvaluator, EpisodeEvaluator, is_env_benchmark
     from opdkit.eval.benchmarks import Benchmark
@@ -285,9 +286,8 @@ def _build_evaluator(cfg: Config, dist: Dist, generate_fn, eval_problems):
                                   generate_fn=generate_fn) if texts else None
     if not envs:
         return text_eval
-    env_eval = EpisodeEvaluator(envs, eval_settings(cfg), template=env_template(cfg.env),
-                                episode=EpisodeSettings(cfg.env.max_turns, cfg.env.max_turn_tokens,
-                                                        cfg.env.max_episode_tokens),
+    env_eval = EpisodeEvaluator(envs, eval_settings(cfg), template=template_from_config(cfg.env),
+                                episode=EpisodeSettings.from_config(cfg.env),
                                 processes=cfg.env.processes, timeout_s=cfg.env.step_timeout_s, rank=dist.rank,
                                 world=dist.world, reduce_sum=dist.sum, generate_fn=generate_fn)
     return env_eval if text_eval is None else CombinedEvaluator([text_eval, env_eval])
@@ -544,6 +544,7 @@ def _environments(cfg: Config, records, eval_problems):
     """The worker pool, prompt template and episode limits when the training data holds environments; else
     ``(None, None, None)``, and an ``env.*`` setting changed from its default is refused (nothing reads it)."""
     from opdkit.config import EnvConfig
+    from opdkit.envs.base import template_from_config
     from opdkit.envs.episodes import EpisodeSettings
     from opdkit.envs.pool import EnvPool
 
@@ -558,17 +559,8 @@ def _environments(cfg: Config, records, eval_problems):
     if cfg.teacher.own_chat_template:
         raise OpdkitError("teacher.own_chat_template=true with environments in the training data is not supported "
                           "(the teacher would need each episode's conversation re-rendered turn by turn)")
-    return EnvPool(cfg.env.processes, cfg.env.step_timeout_s), env_template(cfg.env), EpisodeSettings(
-        cfg.env.max_turns, cfg.env.max_turn_tokens, cfg.env.max_episode_tokens)
-
-
-def env_template(env_cfg):
-    """The episodes' :class:`~opdkit.envs.base.PromptTemplate` from the ``env`` config section."""
-    from opdkit.envs.base import PromptTemplate
-
-    tail = "\nAdmissible commands: {admissible_commands}" if env_cfg.admissible_commands else ""
-    return PromptTemplate(system=env_cfg.system_prompt or None, first="{observation}" + tail,
-                          later="{observation}" + tail)
+    return (EnvPool(cfg.env.processes, cfg.env.step_timeout_s), template_from_config(cfg.env),
+            EpisodeSettings.from_config(cfg.env))
 
 
 def make_adamw(params, **kw) -> torch.optim.AdamW:
