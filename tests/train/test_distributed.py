@@ -171,3 +171,25 @@ def test_processes_with_unequal_shares_run_their_forward_passes_in_lockstep(tmp_
     _assert_rows_close(read_metrics(fast), read_metrics(run), rel=1e-3)
     one = _run(tmp_path, "uneven1", over, 1)
     _assert_rows_close(read_metrics(one), read_metrics(run))
+
+
+def test_a_two_process_multi_task_run_with_episodes_equals_one_process(tmp_path, tiny_model_dirs):
+    """Math batches and text-game episodes in turn, each process playing its share of the episodes in its own
+    worker pool: the same episodes, metrics and weights as one process."""
+    math = tmp_path / "math.jsonl"
+    math.write_text("".join(json.dumps({"prompt": f"What is {a} + 1?", "answer": str(a + 1)}) + "\n"
+                            for a in range(6)))
+    games = tmp_path / "games.jsonl"
+    games.write_text("".join(json.dumps({"env": "scripted", "task": "toy", "args": {
+        "first": f"Room {i}. A key.", "goal": ["take key"], "replies": {"look": "A key."}}}) + "\n" for i in range(6)))
+    over = _overrides(tiny_model_dirs, **{
+        "data.train_path": [f"math={math}", str(games)], "env.max_turns": 3, "env.max_turn_tokens": 5,
+        "env.processes": 1, "data.eval_path": str(games), "eval.max_problems": 3, "eval.n_samples": 2})
+    one = _run(tmp_path, "one", over, 1, prompts=None)
+    two = _run(tmp_path, "two", over, 2, prompts=None)
+    rows1, rows2 = read_metrics(one), read_metrics(two)
+    assert [r["task"] for r in rows1] == ["math", "toy", "math"]
+    assert "episode_turns@toy" in rows1[1] and "eval_games_success" in rows1[-1]
+    _assert_rows_close(rows1, rows2)
+    w1, w2 = _weights(one), _weights(two)
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-3
