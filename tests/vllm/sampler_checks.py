@@ -85,6 +85,31 @@ def main(out: Path) -> None:
     assert torch.isnan(a.old_logprobs_B_T[a.response_mask_B_T.bool()]).all()
     print(f"ok log-probs: {n} recorded log-probs within {worst:.1e} of a float64 reference; all tokens kept")
 
+    # multi-turn episodes through sample_tokens: the student's tokens of every turn, and only they, are in the
+    # mask, each recorded log-prob that of the truncated distribution given the whole conversation before it
+    from opdkit.envs.base import EnvSpec, PromptTemplate
+    from opdkit.envs.episodes import EpisodeSettings, run_episodes
+    from opdkit.envs.pool import EnvPool
+
+    specs = [EnvSpec("scripted", {"first": f"Room {i}. A key.", "goal": ["take key"]}) for i in range(3)]
+    with EnvPool(processes=0) as pool:
+        ep, results = run_episodes(s, pool, specs, [1, 2, 3], template=PromptTemplate(system="Play."),
+                                   settings=EpisodeSettings(max_turns=3, max_turn_tokens=6, max_tokens=256))
+    worst, n = 0.0, 0
+    for r, res in enumerate(results):
+        assert len(ep.turn_bounds[r]) == res.turns >= 2
+        ids = ep.input_ids_B_L[r][ep.attention_mask_B_L[r].bool()].tolist()
+        P = int(ep.attention_mask_B_L[r, : ep.prompt_len].sum())
+        inside = {t for a_, e_ in ep.turn_bounds[r] for t in range(a_, e_)}
+        assert inside == set(torch.nonzero(ep.response_mask_B_T[r]).flatten().tolist())
+        for t in sorted(inside):
+            ref = reference_logprobs(model, ids[: P + t], temperature=0.8, top_k=50, top_p=0.9, blocked=PAD)
+            worst = max(worst, abs(float(ref[ids[P + t]]) - float(ep.sampling_logprobs_B_T[r, t])))
+            n += 1
+    assert worst < 1e-4, worst
+    print(f"ok episodes: {n} tokens of {sum(r.turns for r in results)} turns within {worst:.1e} of a float64 "
+          "reference given the whole conversation")
+
     # distribution: 3000 one-token draws at one position against the reference (chi-square)
     one = VLLMSampler(str(sdir), tok, RolloutConfig(temperature=1.3, top_p=0.95, max_new_tokens=1, n_samples=1),
                       max_model_len=64, kv_cache_gb=0.25)

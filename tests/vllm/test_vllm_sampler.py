@@ -15,7 +15,8 @@ from tests.vllm.env import ROOT, vllm_python
 
 pytestmark = pytest.mark.slow
 
-CHECKS = ("ok seeds", "ok log-probs", "ok distribution", "ok weight sync", "ok stops", "ok refusals", "ok training")
+CHECKS = ("ok seeds", "ok log-probs", "ok episodes", "ok distribution", "ok weight sync", "ok stops", "ok refusals",
+          "ok training")
 
 
 def test_vllm_sampler_checks(tmp_path):
