@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="easy: 1 room, 1 action; medium: 2 rooms, 2 actions; hard: 3 rooms, 3 actions")
     m.add_argument("--split", default="train", choices=("train", "test"))
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--processes", type=int, default=1, help="games made in parallel (default 1)")
     g = sub.add_parser("play", help="play a game: by hand, or the given commands",
                        description="Play GAME (a .z8/.ulx TextWorld game or an ALFWorld game.tw-pddl) as the "
                        "student sees it (cleaned observations).")
@@ -50,7 +51,7 @@ def main_envs(argv: list[str]) -> int:
         if args.n < 1:
             raise OpdkitError(f"--n: expected an integer >= 1, got {args.n}")
         files = make_games(args.out, args.n, difficulty=args.difficulty, split=args.split, seed=args.seed,
-                           log=lambda m: print(m, file=sys.stderr))
+                           log=lambda m: print(m, file=sys.stderr), processes=max(1, args.processes))
         print(f"{len(files)} games in {args.out} (train on them with data.train_path=textworld:{args.out})")
         return 0
     return _play(args)

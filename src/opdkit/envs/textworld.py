@@ -135,30 +135,47 @@ def game_seed(seed: int, split: str, index: int) -> int:
     return (int(seed) * 2_000_003 + _SPLIT_OFFSET[split] + int(index)) % (2**31 - 1)
 
 
-def make_games(out_dir: str | Path, n: int, *, difficulty: str = "easy", split: str = "train", seed: int = 0,
-               log=None) -> list[Path]:
+def make_games(out_dir: str | Path, n: int, *, difficulty: str | Difficulty = "easy", split: str = "train",
+               seed: int = 0, log=None, processes: int = 1) -> list[Path]:
     """Generate and compile ``n`` games into ``out_dir`` (``{split}-{i:04d}.z8`` + ``.json``); existing games of
-    the same name are kept (generation is deterministic in the seed). Returns the game files."""
-    if difficulty not in DIFFICULTIES:
+    the same name are kept (generation is deterministic in the seed). ``difficulty``: a name of
+    :data:`DIFFICULTIES` or a :class:`Difficulty`; ``processes``: games made in parallel. Returns the game files."""
+    if isinstance(difficulty, str) and difficulty not in DIFFICULTIES:
         raise EnvError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
+    _import_textworld()
+    d = DIFFICULTIES[difficulty] if isinstance(difficulty, str) else difficulty
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / f"{split}-{i:04d}.z8" for i in range(n)]
+    todo = [(i, str(p)) for i, p in enumerate(files) if not (p.is_file() and p.with_suffix(".json").is_file())]
+    jobs = [(game_seed(seed, split, i), path, d.rooms, d.objects, d.quest_length) for i, path in todo]
+    if processes > 1 and len(jobs) > 1:
+        import multiprocessing
+
+        # spawned workers import only this module (no torch); each game is independent and deterministic
+        with multiprocessing.get_context("spawn").Pool(min(processes, len(jobs))) as pool:
+            for path in pool.imap(_make_one, jobs):
+                if log is not None:
+                    log(f"made {path}")
+    else:
+        for job in jobs:
+            path = _make_one(job)
+            if log is not None:
+                log(f"made {path}")
+    return files
+
+
+def _make_one(job) -> str:
+    """Generate and compile one game: ``(seed, path, rooms, objects, quest_length)``."""
+    seed, path, rooms, objects, quest_length = job
     tw = _import_textworld()
     from textworld.generator import compile_game, make_game
 
-    d = DIFFICULTIES[difficulty]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i in range(n):
-        path = out / f"{split}-{i:04d}.z8"
-        if not (path.is_file() and path.with_suffix(".json").is_file()):
-            opts = tw.GameOptions()
-            opts.seeds = game_seed(seed, split, i)
-            opts.nb_rooms, opts.nb_objects, opts.quest_length = d.rooms, d.objects, d.quest_length
-            opts.path = str(path)
-            opts.force_recompile = True
-            opts.file_ext = ".z8"
-            compile_game(make_game(opts), opts)
-            if log is not None:
-                log(f"made {path}")
-        files.append(path)
-    return files
+    opts = tw.GameOptions()
+    opts.seeds = seed
+    opts.nb_rooms, opts.nb_objects, opts.quest_length = rooms, objects, quest_length
+    opts.path = path
+    opts.force_recompile = True
+    opts.file_ext = ".z8"
+    compile_game(make_game(opts), opts)
+    return path
