@@ -53,6 +53,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.toy and (args.out or args.compare or args.overrides or args.cache_dir):
         raise OpdkitError("--toy runs in memory and takes only --steps (no --out, --compare, --cache-dir or "
                           "overrides)")
+    if args.agentic:
+        if args.toy or args.compare:
+            raise OpdkitError("--agentic runs the text-game demo; it does not take --toy or --compare")
+        from opdkit.demo.agentic import run_agentic_demo
+
+        path, overrides = _split_config_args(args.overrides)
+        if path is not None:
+            raise OpdkitError(f"demo: expected a.b=value overrides, got {path!r}")
+        run_agentic_demo(args.out, cache_dir=args.cache_dir, overrides=overrides)
+        return 0
     if args.toy:
         from opdkit.demo.toy import main as toy_main
 
@@ -555,6 +565,9 @@ example:
                    help="also run sampled-token OPD, the KL without renormalisation and off-policy SFT")
     p.add_argument("--cache-dir", default=None, help="where the demo's models are cached (default ~/.cache/opdkit)")
     p.add_argument("--toy", action="store_true", help="the seconds-long pure-torch Markov-LM demo instead")
+    p.add_argument("--agentic", action="store_true",
+                   help="the text-game demo instead: a tiny agent distilled on-policy on TextWorld games (multi-turn "
+                   "episodes), success on held-out games before and after; writes agentic_summary.json")
     p.add_argument("--steps", type=int, default=None, help="--toy only: optimizer steps per objective")
     p.set_defaults(func=_cmd_demo)
     return parser

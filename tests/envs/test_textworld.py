@@ -98,3 +98,41 @@ def test_clean_observation_and_split_seeds():
     assert not train & test
     with pytest.raises(EnvError, match="split"):
         game_seed(0, "valid", 0)
+
+
+def test_interpreter_commands_and_odd_characters_never_reach_the_interpreter(tw_games):
+    """A reply starting with a backslash is a frotz meta-command, on which frotz loops forever; save/restart/
+    quit leave the game waiting on a question. A student writes such things: they must not stall a game."""
+    from opdkit.envs.textworld import META_REPLY, safe_command
+
+    assert safe_command("\\likeGz wall") == "likeGz wall"
+    assert safe_command("héllo\x01 wörld") == "hllo wrld"
+    assert safe_command("restart") is None and safe_command("Quit now") is None
+    assert len(safe_command("x" * 1000)) == 200
+    env = TextWorldEnv(str(tw_games[0]), max_steps=10, expert=True)
+    env.reset()
+    obs, _, done, _ = env.step("\\undo")
+    assert not done and obs
+    assert env.step("save")[0] == META_REPLY
+    assert env.step("restart")[0] == META_REPLY
+    command = env.last_info["expert_commands"][0]
+    obs, *_ = env.step(command)  # the game still answers normally
+    assert "not a verb" not in obs
+    env.close()
+
+
+def test_a_failed_start_with_an_admissible_commands_template_is_a_failed_episode():
+    from opdkit.envs.base import EnvSpec, PromptTemplate
+    from opdkit.envs.episodes import EpisodeSettings, run_episodes
+    from opdkit.envs.pool import EnvPool
+    from opdkit.rollout.hf_sampler import HFSampler
+    from opdkit.tiny import build_tiny_model, train_tokenizer
+    from tests.tiny_models import corpus
+
+    tok = train_tokenizer(corpus(100), vocab_size=300)
+    sampler = HFSampler(build_tiny_model(tok), tok)
+    template = PromptTemplate(first="{observation}\nAdmissible commands: {admissible_commands}")
+    with EnvPool(processes=0) as pool:
+        batch, (res,) = run_episodes(sampler, pool, [EnvSpec("textworld", {"game_file": "/no/game.z8"})], [0],
+                                     template=template, settings=EpisodeSettings(2, 4, 512))
+    assert res.turns == 0 and "no such file" in res.failure and batch.response_mask_B_T.sum() == 0

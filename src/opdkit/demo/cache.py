@@ -30,6 +30,7 @@ __all__ = [
     "CACHE_FORMAT",
     "DemoModels",
     "prepare_demo_models",
+    "prepare_entry",
     "default_cache_dir",
     "cache_key",
     "verify_cache_entry",
@@ -190,21 +191,31 @@ def prepare_demo_models(
         settings: the demo's numbers (default ``DemoSettings()``).
     """
     settings = settings if settings is not None else DemoSettings()
+    root, manifest, built = prepare_entry("demo", settings, seed, build_entry, cache_dir=cache_dir, force=force,
+                                          log=log)
+    return _to_models(root, manifest, settings, seed, built=built)
+
+
+def prepare_entry(prefix: str, settings, seed: int, build, *, cache_dir=None, force: bool = False,
+                  log: Callable[[str], None] | None = print) -> tuple[Path, dict, bool]:
+    """The cache entry ``<cache_dir>/<prefix>-<key>`` of ``settings`` (any dataclass) and ``seed``: verified and
+    used if intact, else built by ``build(tmp_dir, settings, seed, say) -> info`` into a temporary directory and
+    renamed into place. Returns ``(root, manifest, built)``."""
     say = log or (lambda _msg: None)
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = cache_key(settings, seed)
-    root = base / f"demo-{key}"
+    root = base / f"{prefix}-{key}"
     if not force:
         manifest = verify_cache_entry(root, key)
         if manifest is not None:
-            say(f"demo: using cached models in {root}")
-            return _to_models(root, manifest, settings, seed, built=False)
+            say(f"{prefix}: using cached models in {root}")
+            return root, manifest, False
         if root.exists():
-            say(f"demo: cache entry {root} is incomplete or corrupt; rebuilding it")
+            say(f"{prefix}: cache entry {root} is incomplete or corrupt; rebuilding it")
     base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".demo-{key}.tmp-", dir=base))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-{key}.tmp-", dir=base))
     try:
-        info = build_entry(tmp, settings, seed, say)
+        info = build(tmp, settings, seed, say)
         manifest = _write_manifest(tmp, key, settings, seed, info)
         _discard(root)
         try:
@@ -219,5 +230,5 @@ def prepare_demo_models(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    say(f"demo: models ready in {root}")
-    return _to_models(root, manifest, settings, seed, built=True)
+    say(f"{prefix}: models ready in {root}")
+    return root, manifest, True

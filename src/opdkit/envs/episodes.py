@@ -145,7 +145,10 @@ def run_episodes(sampler, pool, specs: Sequence[EnvSpec], seeds: Sequence[int], 
     eps: list[_Ep] = []
     for spec, seed, res in zip(specs, seeds, first, strict=True):
         obs = "" if res.done else res.observation
-        ep = _Ep(spec, int(seed), render_chat(tok, _first_messages(template, obs, res.info)))
+        # an environment that failed to start has no observation to fill the template with: a bare prompt
+        first = (_first_messages(template, obs, res.info) if not res.done else
+                 [{"role": "user", "content": "(the environment failed to start)"}])
+        ep = _Ep(spec, int(seed), render_chat(tok, first))
         ep.observations.append(obs)
         if res.done:  # the environment failed to start: an episode with no turn
             ep.done, ep.failure, ep.finish = True, res.info.get("failure", "error"), FINISH_STOP

@@ -42,7 +42,9 @@ class _Worker:
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "opdkit.envs.worker", *kinds], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=None, text=True, bufsize=1, env=env,
+            # what games print is noise, and an interpreter stuck in a loop can print without end: discarded
+            # (an environment's errors come back through the protocol)
+            stderr=subprocess.DEVNULL, text=True, bufsize=1, env=env,
         )
         self.buf = ""
         self.busy: int | None = None  # the episode whose request is in flight
@@ -158,9 +160,7 @@ class EnvPool:
                     if env is not None:
                         env.close()
                     continue
-            except EnvError:
-                raise
-            except Exception as exc:
+            except Exception as exc:  # as in a worker: the environment's failure ends its episode only
                 res = failure_result(f"error: {type(exc).__name__}: {str(exc)[:300]}")
             out[k] = self._record(k, res) if record else res
         return out

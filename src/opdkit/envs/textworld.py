@@ -21,7 +21,8 @@ from typing import Any
 
 from opdkit.envs.base import EnvError, command_of
 
-__all__ = ["DIFFICULTIES", "Difficulty", "TextWorldEnv", "clean_observation", "make_games", "game_seed"]
+__all__ = ["DIFFICULTIES", "Difficulty", "TextWorldEnv", "clean_observation", "make_games", "game_seed",
+           "safe_command"]
 
 
 
@@ -34,6 +35,21 @@ def clean_observation(text: str) -> str:
             continue
         lines.append(s)
     return re.sub(r"\n{2,}", "\n", "\n".join(lines)).strip()
+
+
+META_REPLY = "That command is not available in this game."
+# Commands of the Z-machine interpreter rather than of the game: they ask a yes/no question or a file name
+# and leave the game waiting; "\..." is a frotz meta-command, which loops forever on an unknown one.
+_META = {"save", "restore", "restart", "quit", "q", "undo", "script", "unscript", "transcript", "verify",
+         "version", "noscript", "superbrief", "verbose", "brief"}
+
+
+def safe_command(command: str) -> str | None:
+    """``command`` as the interpreter may safely read it: printable ASCII only (other characters dropped), no
+    backslash, at most 200 characters; None for an interpreter command (save, restart, quit, undo, ...)."""
+    text = "".join(c for c in command if 32 <= ord(c) < 127 and c != "\\")[:200].strip()
+    first = text.split(" ", 1)[0].lower() if text else ""
+    return None if first in _META else text
 
 
 def _import_textworld():
@@ -90,6 +106,7 @@ class TextWorldEnv:
             warnings.filterwarnings("ignore", message=".*not fully supported.*")
             self._env = tw.start(self.game_file, request_infos=infos)
             state = self._env.reset()
+        self._last_state = state
         self.steps = 0
         self.last_info = self._info(state, won=False)
         return clean_observation(state.feedback)
@@ -98,8 +115,14 @@ class TextWorldEnv:
         if self._env is None:
             raise EnvError("TextWorldEnv.step before reset")
         # one command per turn: the reply's first line after any </think> (opdkit.envs.base.command_of)
-        command = command_of(action)
+        command = safe_command(command_of(action))
+        if command is None:  # an interpreter command (save, restart, ...) would leave the game waiting on a question
+            self.steps += 1
+            info = self._info(self._last_state, won=False) | {"lost": False}
+            self.last_info = info
+            return META_REPLY, 0.0, self.steps >= self.max_steps, info
         state, _score, done = self._env.step(command)
+        self._last_state = state
         self.steps += 1
         won = bool(state.get("won"))
         info = self._info(state, won=won)
@@ -150,19 +173,37 @@ def make_games(out_dir: str | Path, n: int, *, difficulty: str | Difficulty = "e
     todo = [(i, str(p)) for i, p in enumerate(files) if not (p.is_file() and p.with_suffix(".json").is_file())]
     jobs = [(game_seed(seed, split, i), path, d.rooms, d.objects, d.quest_length) for i, path in todo]
     if processes > 1 and len(jobs) > 1:
-        import multiprocessing
-
-        # spawned workers import only this module (no torch); each game is independent and deterministic
-        with multiprocessing.get_context("spawn").Pool(min(processes, len(jobs))) as pool:
-            for path in pool.imap(_make_one, jobs):
-                if log is not None:
-                    log(f"made {path}")
+        _make_in_subprocesses(jobs, processes, log)
     else:
         for job in jobs:
             path = _make_one(job)
             if log is not None:
                 log(f"made {path}")
     return files
+
+
+def _make_in_subprocesses(jobs, processes: int, log) -> None:
+    """Each game in its own ``python -c`` subprocess, ``processes`` at a time (plain subprocesses, not
+    multiprocessing: they work from scripts without a ``__main__`` guard, and never import torch)."""
+    import json
+    import subprocess
+    import sys
+
+    code = "import json, sys; from opdkit.envs.textworld import _make_one; _make_one(json.loads(sys.argv[1]))"
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < processes:
+            job = pending.pop(0)
+            running.append((job, subprocess.Popen([sys.executable, "-c", code, json.dumps(job)],
+                                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+        job, proc = running.pop(0)
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            for _, other in running:
+                other.kill()
+            raise EnvError(f"TextWorld could not make the game {job[1]} (seed {job[0]}): {err.strip()[-500:]}")
+        if log is not None:
+            log(f"made {job[1]}")
 
 
 def _make_one(job) -> str:
