@@ -57,8 +57,8 @@ class AgenticSettings:
     rooms: int = 1
     objects: int = 3
     quest_length: int = 1
-    max_turns: int = 6
-    max_turn_tokens: int = 16
+    max_turns: int = 4
+    max_turn_tokens: int = 12
     vocab_size: int = 800
     detours: int = 2
     teacher: ModelSpec = ModelSpec(hidden_size=128, num_layers=4, intermediate_size=256, sft_steps=1500,
