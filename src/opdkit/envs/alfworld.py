@@ -228,8 +228,9 @@ class ALFWorldEnv:
         return _clean(state.feedback or ""), 1.0 if won else 0.0, self._done, self.last_info
 
     def close(self) -> None:
-        """Unload this game's copy of the planner library (each game loads its own; a long-running worker
-        would otherwise keep every one it played)."""
+        """Close the game. Its copy of the planner library stays loaded: unloading it (fast_downward.close_lib)
+        made the Python process crash at exit (segmentation fault, measured), and a crash at exit fails a test
+        run; a worker keeps ~1 MiB per game played."""
         env, self._env = self._env, None
         if env is not None:
             _unload(env)
@@ -282,9 +283,4 @@ class ALFWorldEnv:
 
 
 def _unload(env: Any) -> None:
-    lib = getattr(env, "downward_lib", None)
     env.close()
-    if lib is not None:
-        import fast_downward
-
-        fast_downward.close_lib(lib)
