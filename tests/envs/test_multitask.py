@@ -137,3 +137,22 @@ def test_a_teacher_for_an_unknown_task_is_refused(tmp_path, tiny_model_dirs):
                              "optim.prompts_per_step": 1, "rollout.n_samples": 2, "run.tensorboard": False})
     with pytest.raises(OpdkitError, match="teacher.per_task: c is not a task"):
         Trainer(cfg, tmp_path / "run", progress=False, log=lambda _m: None)
+
+
+def test_environment_settings_act_on_an_evaluation_of_games(tmp_path, tiny_model_dirs):
+    """Prompts for training and a JSONL of games for evaluation: env.* shapes the evaluation episodes."""
+    from opdkit.train import Trainer
+    from opdkit.train.metrics import read_metrics
+
+    math = tmp_path / "math.jsonl"
+    math.write_text(json.dumps({"prompt": "What is 1 + 1?", "answer": "2"}) + "\n")
+    games = tmp_path / "games.jsonl"
+    games.write_text(json.dumps({"env": "scripted", "args": {"first": "A key.", "goal": ["take key"]}}) + "\n")
+    cfg = load_config(None, {"model.path": str(tiny_model_dirs["qwen2"]), "teacher.path": str(tiny_model_dirs["llama"]),
+                             "data.train_path": str(math), "data.eval_path": str(games), "env.max_turns": 2,
+                             "env.max_turn_tokens": 3, "optim.prompts_per_step": 1, "rollout.n_samples": 2,
+                             "rollout.max_new_tokens": 4, "optim.total_steps": 1, "run.tensorboard": False,
+                             "run.save_every": 0})
+    Trainer(cfg, tmp_path / "run", progress=False, log=lambda _m: None).run()
+    (row,) = read_metrics(tmp_path / "run")
+    assert row["eval_games_turns"] == 2  # the scripted game never ends on its own: env.max_turns did

@@ -119,11 +119,9 @@ def episode_example(tokenizer, template, obs, infos, commands, trained):
     and their EOS only."""
     from opdkit.data.chat import render_chat
     from opdkit.demo.sft import IGNORE, SFTExample
-    from opdkit.envs.episodes import turn_suffix
+    from opdkit.envs.episodes import first_messages, turn_suffix
 
-    first = ([{"role": "system", "content": template.system}] if template.system else []) + [
-        {"role": "user", "content": template.render(obs[0], infos[0], first=True)}]
-    ids = render_chat(tokenizer, first)
+    ids = render_chat(tokenizer, first_messages(template, obs[0], infos[0]))
     labels = [IGNORE] * len(ids)
     eos = tokenizer.eos_token_id
     eos_text = tokenizer.decode([eos])

@@ -34,7 +34,8 @@ from opdkit.errors import InputError
 from opdkit.rollout.seeding import trajectory_seed
 from opdkit.types import FINISH_LENGTH, FINISH_STOP, RolloutBatch
 
-__all__ = ["EpisodeResult", "EpisodeSettings", "action_text", "episode_metrics", "run_episodes", "turn_suffix"]
+__all__ = ["EpisodeResult", "EpisodeSettings", "action_text", "episode_metrics", "first_messages", "run_episodes",
+           "turn_suffix"]
 
 _SENTINEL = "\x00opdkit-turn\x00"
 
@@ -123,7 +124,8 @@ class _Ep:
             dst.extend([0.0] * n if src is None else [float(x) for x in src])
 
 
-def _first_messages(template: PromptTemplate, observation: str, info: dict) -> list[dict]:
+def first_messages(template: PromptTemplate, observation: str, info: dict) -> list[dict]:
+    """An episode's prompt messages: the template's system message, then the first observation as the user."""
     msgs = [{"role": "system", "content": template.system}] if template.system else []
     return msgs + [{"role": "user", "content": template.render(observation, info, first=True)}]
 
@@ -146,7 +148,7 @@ def run_episodes(sampler, pool, specs: Sequence[EnvSpec], seeds: Sequence[int], 
     for spec, seed, res in zip(specs, seeds, first, strict=True):
         obs = "" if res.done else res.observation
         # an environment that failed to start has no observation to fill the template with: a bare prompt
-        first = (_first_messages(template, obs, res.info) if not res.done else
+        first = (first_messages(template, obs, res.info) if not res.done else
                  [{"role": "user", "content": "(the environment failed to start)"}])
         ep = _Ep(spec, int(seed), render_chat(tok, first))
         ep.observations.append(obs)

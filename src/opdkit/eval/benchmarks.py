@@ -39,7 +39,8 @@ from pathlib import Path
 from opdkit.data.jsonl import DataError, read_jsonl
 from opdkit.data.prompts import PromptRecord, _messages
 
-__all__ = ["Benchmark", "DEFAULT_TEMPLATE", "load_benchmark", "load_benchmarks", "parse_benchmark_spec"]
+__all__ = ["Benchmark", "DEFAULT_TEMPLATE", "is_env_spec", "load_benchmark", "load_benchmarks",
+           "parse_benchmark_spec"]
 
 DEFAULT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 PROMPT_COLUMNS = ("prompt", "problem", "question", "Problem", "Question", "input")
@@ -366,6 +367,12 @@ def load_benchmark(
         bench.problems = [PromptRecord(({"role": "system", "content": system},) + p.messages, p.answer, p.task,
                                        p.source) for p in bench.problems]
     return bench
+
+
+def is_env_spec(spec: str) -> bool:
+    """Whether benchmark ``spec`` names games (``textworld:DIR``, ``alfworld:SPLIT``, a JSONL of env lines)."""
+    _, source = parse_benchmark_spec(spec)
+    return source.startswith(("textworld:", "alfworld:")) or _is_env_file(source)
 
 
 def _is_env_file(source: str) -> bool:

@@ -152,6 +152,18 @@ def check_token_rows(rows: Any, vocab_size: int) -> list[list[int]]:
     return out
 
 
+def plan_token_rows(rows: Any, vocab_size: int, *, seeds: Sequence[int], max_new_tokens: Any,
+                    default_max_new_tokens: int, task_ids=None, prompt_index=None) -> tuple[RowPlan, int]:
+    """The rows of one ``sample_tokens`` call (every sampler's arguments checked the same way) and its token
+    limit (``max_new_tokens``, default ``default_max_new_tokens``)."""
+    plan = plan_rows(check_token_rows(rows, vocab_size), n_samples=1, seed=None, default_seed=0, seeds=seeds,
+                     task_ids=task_ids, prompt_index=prompt_index)
+    limit = default_max_new_tokens if max_new_tokens is None else max_new_tokens
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise InputError(f"max_new_tokens: expected an integer >= 1, got {limit!r}")
+    return plan, limit
+
+
 def _processors():
     """The logits-processor classes used below (imported lazily: transformers is heavy)."""
     from transformers import LogitsProcessor, StoppingCriteria
@@ -428,12 +440,9 @@ class HFSampler:
         """One response per row of token ids (already rendered: no chat template, no truncation), row ``i``
         sampled with ``seeds[i]``, at most ``max_new_tokens`` (default ``rollout.max_new_tokens``). What a
         multi-turn episode calls at each turn with the conversation so far (``opdkit.envs.episodes``)."""
-        rows = check_token_rows(rows, self._vocab_size())
-        plan = plan_rows(rows, n_samples=1, seed=None, default_seed=0, seeds=seeds, task_ids=task_ids,
-                         prompt_index=prompt_index)
-        limit = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise InputError(f"max_new_tokens: expected an integer >= 1, got {limit!r}")
+        plan, limit = plan_token_rows(rows, self._vocab_size(), seeds=seeds, max_new_tokens=max_new_tokens,
+                                      default_max_new_tokens=self.settings.max_new_tokens, task_ids=task_ids,
+                                      prompt_index=prompt_index)
         return self._generate(plan, limit)
 
     def _generate(self, plan: RowPlan, max_new_tokens: int) -> RolloutBatch:

@@ -45,10 +45,10 @@ from opdkit.rollout.hf_sampler import (
     FINISH_LENGTH,
     FINISH_STOP,
     HFSampler,
-    check_token_rows,
     encode_prompts,
     eos_ids,
     plan_rows,
+    plan_token_rows,
     validate_rollout_settings,
 )
 from opdkit.types import RolloutBatch
@@ -197,12 +197,9 @@ class VLLMSampler:
     def sample_tokens(self, rows, *, seeds, max_new_tokens: int | None = None, task_ids=None,
                       prompt_index=None) -> RolloutBatch:
         """As ``HFSampler.sample_tokens``: one response per row of already rendered token ids."""
-        rows = check_token_rows(rows, self.vocab_size)
-        plan = plan_rows(rows, n_samples=1, seed=None, default_seed=0, seeds=seeds, task_ids=task_ids,
-                         prompt_index=prompt_index)
-        limit = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise InputError(f"max_new_tokens: expected an integer >= 1, got {limit!r}")
+        plan, limit = plan_token_rows(rows, self.vocab_size, seeds=seeds, max_new_tokens=max_new_tokens,
+                                      default_max_new_tokens=self.settings.max_new_tokens, task_ids=task_ids,
+                                      prompt_index=prompt_index)
         return self._generate(plan, limit)
 
     def _generate(self, plan, max_new_tokens: int) -> RolloutBatch:

@@ -533,6 +533,17 @@ def _task_teachers(cfg: Config, schedule, objective, *, student_rows, drop_ids, 
     return out
 
 
+def _evaluates_games(cfg: Config, eval_problems) -> bool:
+    """Whether the run's evaluation plays games (then the ``env`` settings act on it)."""
+    from opdkit.envs.evaluate import is_env_benchmark
+    from opdkit.eval.benchmarks import Benchmark, is_env_spec
+
+    if eval_problems is not None:
+        return any(isinstance(b, Benchmark) and is_env_benchmark(b) for b in eval_problems)
+    specs = cfg.data.eval_path if isinstance(cfg.data.eval_path, list) else [cfg.data.eval_path]
+    return any(is_env_spec(s) for s in specs if s is not None)
+
+
 def _same_dir(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -549,8 +560,7 @@ def _environments(cfg: Config, records, eval_problems):
     from opdkit.envs.pool import EnvPool
 
     if not any(r.env is not None for r in records):
-        evals = cfg.data.eval_path if isinstance(cfg.data.eval_path, list) else [cfg.data.eval_path]
-        if not any(isinstance(e, str) and ("textworld:" in e or "alfworld:" in e) for e in evals):
+        if not _evaluates_games(cfg, eval_problems):
             changed = [f"env.{k}" for k, v in vars(EnvConfig()).items() if getattr(cfg.env, k) != v]
             if changed:
                 raise OpdkitError(f"{', '.join(changed)}: set, but the training data holds no environment (see "
