@@ -26,7 +26,9 @@ from opdkit.analysis.variance import (
 from opdkit.errors import InputError
 from opdkit.losses import policy_gradient_loss, sampled_token_advantages, support_kl, teacher_topk_support
 
-SMALL = dict(Ts=[1, 3], gammas=[0.0, 0.5, 1.0], Ks=[1, 2], vocab=3, n_estimates=8, samples_per_estimate=50)
+SMALL = dict(
+    Ts=[1, 3], gammas=[0.0, 0.5, 1.0], Ks=[1, 2], vocab=3, n_estimates=8, samples_per_estimate=50, problem="tabular"
+)
 
 
 def test_prefix_rows_are_distinct_per_prefix_and_cover_the_table():
@@ -210,15 +212,15 @@ def test_same_seed_same_figures_bitwise_other_seed_differs(tmp_path):
 
 
 def test_bad_sizes_are_refused():
-    with pytest.raises(InputError, match="enumeration cap"):
-        run_variance_experiment(None, Ts=[30], vocab=4)
+    with pytest.raises(InputError, match="enumeration cap.*--problem bigram"):
+        run_variance_experiment(None, Ts=[30], vocab=4, problem="tabular")
     with pytest.raises(InputError, match="gammas"):
         run_variance_experiment(None, Ts=[2], gammas=[1.5])
     with pytest.raises(InputError, match="support_kl"):
         EstimatorSpec("support_kl", gamma=0.5)
 
 
-def test_imbalanced_preset_runs_is_reproducible_and_default_preset_is_make_problem():
+def test_imbalanced_preset_runs_is_reproducible_and_tabular_preset_is_make_problem():
     from opdkit.analysis.variance import PROBLEM_PRESETS, variance_ratios
 
     small = dict(Ts=[3, 6], gammas=[0.0, 1.0], Ks=[], n_estimates=4, samples_per_estimate=50, plot=False)
@@ -238,8 +240,8 @@ def test_imbalanced_preset_runs_is_reproducible_and_default_preset_is_make_probl
     lq = torch.log_softmax(imb.teacher_logits_P_V, -1)[rows].gather(-1, seqs[..., None])[..., 0]
     prob = lp.sum(-1).exp()
     assert float((prob[:, None] * (lq < lp).double()).sum() / 6) > 0.5
-    # the default preset is make_problem's defaults, so the default experiment is unchanged
-    d = PROBLEM_PRESETS["default"].make(3, 2, seed=5)
+    # the tabular preset is make_problem's defaults (the default problem of earlier versions)
+    d = PROBLEM_PRESETS["tabular"].make(3, 2, seed=5)
     m = make_problem(3, 2, seed=5)
     assert torch.equal(d.student_logits_P_V, m.student_logits_P_V)
     assert torch.equal(d.teacher_logits_P_V, m.teacher_logits_P_V)

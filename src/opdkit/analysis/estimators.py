@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from opdkit.analysis.toy import Enumeration, ToyProblem, prefix_rows
+from opdkit.analysis.toy import Enumeration, ToyProblem, bigram_row_visits, exact_kl_gradient, row_reverse_kl
 from opdkit.errors import InputError
 from opdkit.losses import (
     aggregate,
@@ -46,13 +46,14 @@ __all__ = [
     "EstimatorStats",
     "default_specs",
     "estimate",
+    "bigram_exact_mean",
     "exact_moments",
     "per_sample_gradients",
 ]
 
 BOOTSTRAP_RESAMPLES = 2000
 CI_LEVEL = 0.95
-# Samples per autograd pass (memory: about 10 float64 tensors of [chunk, T, V]).
+# Samples per autograd pass at most (memory: about 10 float64 tensors of [chunk, T, V]).
 _CHUNK = 1 << 15
 
 
@@ -98,12 +99,13 @@ def per_sample_gradients(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sample's gradient of its loss ``Σ_t L_t``, as ``(rows[N, T], grad[N, T, V])``.
 
-    ``grad[i, t]`` is sample i's gradient w.r.t. the student's logit row ``rows[i, t]`` (every other
-    row of sample i has zero gradient). Computed by the library objective and autograd. ``rows_N_T``
-    (``prefix_rows`` of the sequences) may be passed to save recomputing it.
+    ``grad[i, t]`` is position t's part of sample i's gradient w.r.t. the student's logit row
+    ``rows[i, t]``; a row visited at several positions (bigram problems) gets the sum of their parts, and
+    rows never visited get zero. Computed by the library objective and autograd. ``rows_N_T``
+    (``problem.rows`` of the sequences) may be passed to save recomputing it.
     """
     N, T = seqs_N_T.shape
-    rows = prefix_rows(problem.V, seqs_N_T) if rows_N_T is None else rows_N_T
+    rows = problem.rows(seqs_N_T) if rows_N_T is None else rows_N_T
     logits_N_T_V = problem.student_logits_P_V[rows].detach().clone().requires_grad_(True)
     teacher_N_T_V = problem.teacher_logits_P_V[rows]
     mask = torch.ones(N, T, dtype=torch.bool)
@@ -135,6 +137,22 @@ class EstimatorStats:
     n_samples: int
 
 
+def _samples_per_chunk(problem: ToyProblem, multiple: int) -> int:
+    """Samples per autograd pass (at most ``_CHUNK``, about ``64 · _CHUNK`` logits), a multiple of ``multiple``."""
+    per = min(_CHUNK, max(1, (_CHUNK * 64) // (problem.T * problem.V)))
+    return max(multiple, per - per % multiple)
+
+
+def _dense_per_sample(problem: ToyProblem, rows_n_T: torch.Tensor, grad_n_T_V: torch.Tensor) -> torch.Tensor:
+    """``[n, P·V]`` per-sample gradients, summing the parts of rows visited more than once (bigram)."""
+    n, T, V = grad_n_T_V.shape
+    P = problem.student_logits_P_V.shape[0]
+    dense = torch.zeros(n * P, V, dtype=grad_n_T_V.dtype)
+    index = (torch.arange(n).unsqueeze(1) * P + rows_n_T).reshape(-1)
+    dense.index_add_(0, index, grad_n_T_V.reshape(-1, V))
+    return dense.reshape(n, P * V)
+
+
 def estimate(
     problem: ToyProblem,
     spec: EstimatorSpec,
@@ -147,7 +165,7 @@ def estimate(
     """Monte Carlo mean, per-coordinate standard error and per-sample variance of one estimator.
 
     ``seqs_N_T`` (from ``sample_sequences``) is split into consecutive groups of ``samples_per_estimate``;
-    ``rows_N_T`` is its ``prefix_rows`` (computed if not given).
+    ``rows_N_T`` is its ``problem.rows`` (computed if not given).
     """
     N = seqs_N_T.shape[0]
     M = int(samples_per_estimate)
@@ -158,21 +176,28 @@ def estimate(
     sum_P_V = torch.zeros(P, V, dtype=torch.float64)
     sumsq_P_V = torch.zeros(P, V, dtype=torch.float64)
     group_var = torch.empty(n_groups, dtype=torch.float64)
-    all_rows = prefix_rows(problem.V, seqs_N_T) if rows_N_T is None else rows_N_T
-    groups_per_chunk = max(1, _CHUNK // M)
+    all_rows = problem.rows(seqs_N_T) if rows_N_T is None else rows_N_T
+    groups_per_chunk = _samples_per_chunk(problem, M) // M
     for g0 in range(0, n_groups, groups_per_chunk):
         g1 = min(n_groups, g0 + groups_per_chunk)
         chunk = slice(g0 * M, g1 * M)
         rows, grad = per_sample_gradients(problem, seqs_N_T[chunk], spec, rows_N_T=all_rows[chunk])
-        flat_rows, flat_grad = rows.reshape(-1), grad.reshape(-1, V)
-        sum_P_V.index_add_(0, flat_rows, flat_grad)
-        # Within one sample the T rows are distinct, so squares of blocks are squares of coordinates.
-        sumsq_P_V.index_add_(0, flat_rows, flat_grad.square())
-        sq_norms_G_M = grad.square().sum((1, 2)).reshape(g1 - g0, M)
-        group_of = torch.arange(g1 - g0).repeat_interleave(M * problem.T)
-        gsum = torch.zeros((g1 - g0) * P, V, dtype=torch.float64)
-        gsum.index_add_(0, group_of * P + flat_rows, flat_grad)
-        gsum_sq = gsum.reshape(g1 - g0, P * V).square().sum(-1)
+        if problem.shared_rows:
+            dense_n_D = _dense_per_sample(problem, rows, grad)
+            sum_P_V += dense_n_D.sum(0).reshape(P, V)
+            sumsq_P_V += dense_n_D.square().sum(0).reshape(P, V)
+            sq_norms_G_M = dense_n_D.square().sum(-1).reshape(g1 - g0, M)
+            gsum_sq = dense_n_D.reshape(g1 - g0, M, P * V).sum(1).square().sum(-1)
+        else:
+            flat_rows, flat_grad = rows.reshape(-1), grad.reshape(-1, V)
+            sum_P_V.index_add_(0, flat_rows, flat_grad)
+            # Within one sample the T rows are distinct, so squares of blocks are squares of coordinates.
+            sumsq_P_V.index_add_(0, flat_rows, flat_grad.square())
+            sq_norms_G_M = grad.square().sum((1, 2)).reshape(g1 - g0, M)
+            group_of = torch.arange(g1 - g0).repeat_interleave(M * problem.T)
+            gsum = torch.zeros((g1 - g0) * P, V, dtype=torch.float64)
+            gsum.index_add_(0, group_of * P + flat_rows, flat_grad)
+            gsum_sq = gsum.reshape(g1 - g0, P * V).square().sum(-1)
         group_var[g0:g1] = (sq_norms_G_M.sum(-1) - gsum_sq / M) / (M - 1)
     mean = sum_P_V / N
     coord_var = ((sumsq_P_V - N * mean.square()) / (N - 1)).clamp(min=0.0)
@@ -209,10 +234,43 @@ def exact_moments(
     P, V = problem.student_logits_P_V.shape
     mean = torch.zeros(P, V, dtype=torch.float64)
     second = torch.zeros((), dtype=torch.float64)
-    for s0 in range(0, en.seqs_S_T.shape[0], _CHUNK):
-        part = slice(s0, s0 + _CHUNK)
+    step = _samples_per_chunk(problem, 1)
+    for s0 in range(0, en.seqs_S_T.shape[0], step):
+        part = slice(s0, s0 + step)
         rows, grad = per_sample_gradients(problem, en.seqs_S_T[part], spec, rows_N_T=en.rows_S_T[part])
         w = en.prob_S[part]
-        mean.index_add_(0, rows.reshape(-1), (w[:, None, None] * grad).reshape(-1, V))
-        second += (w * grad.square().sum((1, 2))).sum()
+        if problem.shared_rows:
+            dense_n_D = _dense_per_sample(problem, rows, grad)
+            mean += (w[:, None] * dense_n_D).sum(0).reshape(P, V)
+            second += (w * dense_n_D.square().sum(-1)).sum()
+        else:
+            mean.index_add_(0, rows.reshape(-1), (w[:, None, None] * grad).reshape(-1, V))
+            second += (w * grad.square().sum((1, 2))).sum()
     return mean, float(second - mean.square().sum())
+
+
+def bigram_exact_mean(problem: ToyProblem, spec: EstimatorSpec) -> torch.Tensor | None:
+    """``E g`` exactly at any T on a bigram problem, where the chain's marginals give it; else ``None``.
+
+    γ = 1 is unbiased: its mean is ``∇J``. γ = 0 and the support-set KL only use the context's own
+    position, so their mean is ``Σ_r visits(r) ∇_{θ_r} L(r)`` with ``L(r)`` the per-context loss
+    (the reverse KL of row r, or the support-set KL from the library's ``support_kl``) and ``visits``
+    the expected number of positions with context r (``bigram_row_visits``). Other γ couple positions
+    and are left to Monte Carlo.
+    """
+    if problem.structure != "bigram":
+        return None
+    if spec.estimator == "sampled_token" and spec.gamma == 1.0:
+        return exact_kl_gradient(problem)
+    if spec.estimator == "sampled_token" and spec.gamma != 0.0:
+        return None
+    visits_P = bigram_row_visits(problem).detach()
+    theta_P_V = problem.student_logits_P_V.detach().clone().requires_grad_(True)
+    if spec.estimator == "sampled_token":
+        per_row_P = row_reverse_kl(theta_P_V, problem.teacher_logits_P_V)
+    else:
+        support_ids, teacher_lp = teacher_topk_support(problem.teacher_logits_P_V.unsqueeze(0), spec.K)
+        mask = torch.ones(1, theta_P_V.shape[0], dtype=torch.bool)
+        per_row_P = support_kl(theta_P_V.unsqueeze(0), support_ids, teacher_lp, mask, renormalize=spec.renormalize)[0]
+    (grad,) = torch.autograd.grad((visits_P * per_row_P).sum(), theta_P_V)
+    return grad

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,9 +16,17 @@ def _pyplot():
     return plt
 
 
+def _gap(a: float, b: float) -> float:
+    """An error bar's length ``a − b``; 0 where the interval is unknown (NaN)."""
+    return 0.0 if math.isnan(a) or math.isnan(b) else max(a - b, 0.0)
+
+
 def plot_variance(results: Sequence[dict], path: str | Path) -> Path:
     """``variance.png``: (a) variance against γ per T, log scale, with the support-KL (K = V) level
-    dashed; (b) support-KL variance against K; (c) the exact relative bias against γ, MC as markers."""
+    dashed; (b) support-KL variance against K; (c) the exact relative bias against γ, MC as markers;
+    (d) variance(γ=1)/variance(γ=0) against T, log-log, with its bootstrap interval and a T² line."""
+    from opdkit.analysis.variance_report import variance_ratios
+
     plt = _pyplot()
     st = [r for r in results if r["estimator"] == "sampled_token"]
     sk = [r for r in results if r["estimator"] == "support_kl"]
@@ -25,8 +34,8 @@ def plot_variance(results: Sequence[dict], path: str | Path) -> Path:
     gammas = sorted({r["gamma"] for r in st})
     pos = {g: i for i, g in enumerate(gammas)}
     colors = plt.get_cmap("viridis")([i / max(1, len(Ts) - 1) * 0.85 for i in range(len(Ts))])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    ax_var, ax_k, ax_bias = axes
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
+    ax_var, ax_k, ax_bias, ax_ratio = axes
     for T, c in zip(Ts, colors):
         rows = sorted((r for r in st if r["T"] == T), key=lambda r: r["gamma"])
         if rows:
@@ -74,6 +83,24 @@ def plot_variance(results: Sequence[dict], path: str | Path) -> Path:
     ax_bias.set_ylabel("‖E ĝ − ∇J‖ / ‖∇J‖")
     ax_bias.set_title("relative bias (line: exact, x: Monte Carlo)")
     ax_bias.legend(fontsize=7)
+    ratios = variance_ratios(results)
+    rT = [T for T in sorted(ratios) if ratios[T]["mc"] > 0]
+    if rT:
+        y = [ratios[T]["mc"] for T in rT]
+        lo = [_gap(ratios[T]["mc"], ratios[T]["ci_low"]) for T in rT]
+        hi = [_gap(ratios[T]["ci_high"], ratios[T]["mc"]) for T in rT]
+        ax_ratio.errorbar(rT, y, yerr=[lo, hi], marker="o", ms=4, capsize=3, label="Monte Carlo (95% CI)")
+        ex = [(T, ratios[T]["exact"]) for T in rT if not math.isnan(ratios[T]["exact"])]
+        if ex:
+            ax_ratio.plot([t for t, _ in ex], [v for _, v in ex], ls="none", marker="x", ms=7, label="exact")
+        c = y[-1] / rT[-1] ** 2  # the T² line through the longest horizon
+        ax_ratio.plot(rT, [c * T**2 for T in rT], ls="--", color="grey", label="∝ T² (through the last point)")
+        ax_ratio.set_xscale("log", base=2)
+        ax_ratio.set_yscale("log")
+    ax_ratio.set_xlabel("horizon T")
+    ax_ratio.set_ylabel("variance(γ=1) / variance(γ=0)")
+    ax_ratio.set_title("variance ratio against T")
+    ax_ratio.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,14 +37,23 @@ def add_variance_arguments(p: argparse.ArgumentParser) -> None:
         "--problem",
         choices=sorted(PROBLEM_PRESETS),
         default=DEFAULT_PROBLEM,
-        help="toy problem preset (default: 'default'; 'imbalanced': a far student, sharper teacher, V=2, T up to 16)",
+        help=(
+            "toy problem (default: 'bigram': a bigram student, V=8, T = 2..256, Monte Carlo with exact ∇J; "
+            "'tabular': one row per prefix, V=4, T = 2..8, everything enumerated; 'imbalanced': a tabular, "
+            "far student under a sharper teacher, V=2, T up to 16)"
+        ),
     )
     p.add_argument("--T", dest="Ts", type=_ints, default=None, help="horizons, e.g. '2,4,6' (default: the preset's)")
     p.add_argument("--gammas", type=_floats, default=list(DEFAULT_GAMMAS), help="discounts, comma-separated")
     p.add_argument("--K", dest="Ks", type=_ints, default=list(DEFAULT_KS), help="support sizes (V always added)")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size V (default: the preset's)")
     p.add_argument("--n-estimates", type=int, default=DEFAULT_N_ESTIMATES, help="independent groups")
-    p.add_argument("--samples-per-estimate", type=int, default=DEFAULT_SAMPLES_PER_ESTIMATE, help="trajectories/group")
+    p.add_argument(
+        "--samples-per-estimate",
+        type=int,
+        default=None,
+        help=f"trajectories per group (default: the problem's; bigram 100, tabular {DEFAULT_SAMPLES_PER_ESTIMATE})",
+    )
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--no-plot", action="store_true", help="skip variance.png")
 
@@ -66,7 +76,11 @@ def variance_from_args(args: argparse.Namespace) -> int:
         problem=args.problem,
     )
     for T, v in variance_ratios(results).items():
-        print(f"T={T}: variance(gamma=1)/variance(gamma=0) = {v['mc']:.3g} (exact {v['exact']:.3g})")
+        exact = "" if math.isnan(v["exact"]) else f", exact {v['exact']:.3g}"
+        print(
+            f"T={T}: variance(gamma=1)/variance(gamma=0) = {v['mc']:.3g} "
+            f"(95% CI {v['ci_low']:.3g}-{v['ci_high']:.3g}{exact})"
+        )
     print(f"wrote {Path(args.out) / 'variance.csv'}, variance.md" + ("" if args.no_plot else ", variance.png"))
     return 0
 

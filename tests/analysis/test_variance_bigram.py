@@ -1,0 +1,180 @@
+"""The bigram problem: exact KL and gradient from the chain's marginals, per-sample gradients with shared
+rows, Monte Carlo against enumeration, and the variance ratio's growth with T on the default problem."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from opdkit.analysis.estimators import bigram_exact_mean
+from opdkit.analysis.variance import (
+    CSV_COLUMNS,
+    DEFAULT_PROBLEM,
+    EstimatorSpec,
+    Enumeration,
+    enumerate_sequences,
+    estimate,
+    exact_kl_gradient,
+    exact_moments,
+    make_problem,
+    per_sample_gradients,
+    run_variance_experiment,
+    sample_sequences,
+    sequence_reverse_kl,
+    variance_ratios,
+)
+from opdkit.analysis.toy import bigram_row_visits, bigram_rows, enumerated_reverse_kl
+from opdkit.analysis.variance_report import ratio_slope
+from opdkit.losses import policy_gradient_loss, sampled_token_advantages, support_kl, teacher_topk_support
+
+SPECS = [
+    EstimatorSpec("sampled_token", gamma=0.0),
+    EstimatorSpec("sampled_token", gamma=0.6),
+    EstimatorSpec("sampled_token", gamma=1.0),
+    EstimatorSpec("support_kl", K=2, renormalize=True),
+    EstimatorSpec("support_kl", K=2, renormalize=False),
+]
+
+
+def test_default_problem_is_the_bigram():
+    assert DEFAULT_PROBLEM == "bigram"
+
+
+def test_bigram_rows_are_the_start_row_then_the_previous_token():
+    seqs = torch.tensor([[2, 0, 1], [1, 1, 0]])
+    assert bigram_rows(3, seqs).tolist() == [[3, 2, 0], [3, 1, 1]]
+
+
+def test_marginal_kl_and_gradient_equal_enumeration_and_finite_differences():
+    problem = make_problem(3, 5, seed=11, structure="bigram")
+    assert problem.student_logits_P_V.shape == (4, 3)
+    torch.testing.assert_close(sequence_reverse_kl(problem), enumerated_reverse_kl(problem), rtol=1e-12, atol=0)
+    theta = problem.student_logits_P_V.clone().requires_grad_(True)
+    (by_enumeration,) = torch.autograd.grad(enumerated_reverse_kl(problem, theta), theta)
+    exact = exact_kl_gradient(problem)
+    torch.testing.assert_close(exact, by_enumeration, rtol=1e-10, atol=1e-12)
+    eps = 1e-6
+    for i, j in [(0, 0), (3, 2), (1, 1)]:
+        plus, minus = problem.student_logits_P_V.clone(), problem.student_logits_P_V.clone()
+        plus[i, j] += eps
+        minus[i, j] -= eps
+        fd = (sequence_reverse_kl(problem, plus) - sequence_reverse_kl(problem, minus)) / (2 * eps)
+        assert abs(float(fd) - float(exact[i, j])) < 1e-7 * max(1.0, abs(float(fd)))
+    # visits: the start row once, the token rows T − 1 times in all
+    visits = bigram_row_visits(problem)
+    assert float(visits[3]) == 1.0 and abs(float(visits[:3].sum()) - 4.0) < 1e-12
+
+
+def test_sampling_follows_the_chain():
+    problem = make_problem(3, 2, seed=12, structure="bigram")
+    seqs = sample_sequences(problem, 40_000, torch.Generator().manual_seed(0))
+    en = Enumeration.of(problem)
+    codes = seqs[:, 0] * 3 + seqs[:, 1]
+    freq = torch.bincount(codes, minlength=9).double() / seqs.shape[0]
+    # enumeration order is lexicographic, i.e. code order; 4.5 standard errors
+    se = (en.prob_S * (1 - en.prob_S) / seqs.shape[0]).sqrt()
+    assert float(((freq - en.prob_S).abs() / se).max()) < 4.5
+
+
+def _autograd_per_sample(problem, seqs, spec):
+    """Reference: one sample at a time, autograd w.r.t. the whole [V+1, V] table."""
+    rows = bigram_rows(problem.V, seqs)
+    out = []
+    for i in range(seqs.shape[0]):
+        theta = problem.student_logits_P_V.clone().requires_grad_(True)
+        r, y = rows[i : i + 1], seqs[i : i + 1]
+        mask = torch.ones_like(y, dtype=torch.bool)
+        if spec.estimator == "sampled_token":
+            lp = torch.log_softmax(theta[r], -1).gather(-1, y[..., None])[..., 0]
+            lq = torch.log_softmax(problem.teacher_logits_P_V[r], -1).gather(-1, y[..., None])[..., 0]
+            adv = sampled_token_advantages(lq, lp.detach(), mask, gamma=spec.gamma)
+            loss = policy_gradient_loss(lp, lp.detach(), adv, mask).sum()
+        else:
+            ids, tlp = teacher_topk_support(problem.teacher_logits_P_V[r], spec.K)
+            loss = support_kl(theta[r], ids, tlp, mask, renormalize=spec.renormalize).sum()
+        (g,) = torch.autograd.grad(loss, theta)
+        out.append(g.reshape(-1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label)
+def test_moments_with_repeated_rows_match_a_per_sample_reference(spec):
+    """The shared-row (dense) path of estimate/exact_moments against a per-sample autograd reference."""
+    problem = make_problem(3, 4, seed=13, structure="bigram")
+    seqs = enumerate_sequences(3, 4)
+    ref_S_D = _autograd_per_sample(problem, seqs, spec)
+    # bigram trajectories revisit rows: the reference adds the parts of repeated rows
+    rows, grad = per_sample_gradients(problem, seqs, spec)
+    assert bool((rows[:, 1:].unsqueeze(2) == rows[:, 1:].unsqueeze(1)).sum((1, 2)).gt(3).any())
+    en = Enumeration.of(problem)
+    mean_ref = (en.prob_S[:, None] * ref_S_D).sum(0)
+    var_ref = float((en.prob_S * (ref_S_D - mean_ref).square().sum(-1)).sum())
+    mean, var = exact_moments(problem, spec)
+    torch.testing.assert_close(mean.reshape(-1), mean_ref, rtol=1e-9, atol=1e-12)
+    assert abs(var - var_ref) <= 1e-9 * max(1.0, var_ref)
+    # Monte Carlo on 4 groups of all 81 sequences with their own weights is not possible; instead the
+    # plain Monte Carlo statistics on a fixed sample equal those of the reference per-sample gradients
+    sample = sample_sequences(problem, 6 * 5, torch.Generator().manual_seed(1))
+    stats = estimate(problem, spec, sample, 5)
+    ref = _autograd_per_sample(problem, sample, spec).reshape(6, 5, -1)
+    centred = ref - ref.mean(1, keepdim=True)
+    group_var = centred.square().sum(-1).sum(-1) / 4
+    torch.testing.assert_close(stats.group_variances, group_var, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(stats.mean_P_V.reshape(-1), ref.reshape(30, -1).mean(0), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label)
+def test_exact_means_from_the_marginals_equal_enumeration(spec):
+    problem = make_problem(3, 5, seed=14, structure="bigram")
+    mean, _ = exact_moments(problem, spec)
+    by_marginals = bigram_exact_mean(problem, spec)
+    if spec.estimator == "sampled_token" and spec.gamma not in (0.0, 1.0):
+        assert by_marginals is None  # couples positions: left to Monte Carlo
+        return
+    torch.testing.assert_close(by_marginals, mean, rtol=1e-9, atol=1e-12)
+    assert bigram_exact_mean(make_problem(3, 2, seed=0), spec) is None  # tabular: enumeration does it
+
+
+def test_monte_carlo_variance_agrees_with_enumeration_within_the_bootstrap_interval():
+    problem = make_problem(4, 6, seed=15, structure="bigram")
+    seqs = sample_sequences(problem, 60 * 100, torch.Generator().manual_seed(2))
+    en = Enumeration.of(problem)
+    for spec in (SPECS[0], SPECS[2], SPECS[3]):
+        stats = estimate(problem, spec, seqs, 100, bootstrap_seed=3)
+        _, exact_var = exact_moments(problem, spec, enumeration=en)
+        lo, hi = stats.variance_ci
+        assert lo <= exact_var <= hi, (spec.label, lo, exact_var, hi)
+
+
+def test_default_problem_ratio_grows_with_T_beyond_enumeration(tmp_path):
+    Ts = [4, 16, 64]
+    results = run_variance_experiment(
+        tmp_path, Ts=Ts, gammas=[0.0, 1.0], Ks=[2], n_estimates=20, samples_per_estimate=40, seed=0
+    )
+    ratios = variance_ratios(results)
+    assert list(ratios) == Ts
+    for a, b in zip(Ts, Ts[1:]):
+        assert ratios[b]["ci_low"] > ratios[a]["ci_high"], ratios  # strictly, beyond the noise
+    assert ratios[64]["mc"] > 100
+    assert ratios[4]["ci_low"] <= ratios[4]["mc"] <= ratios[4]["ci_high"]
+    # V^T = 8^4 is enumerable: exact figures there; 8^16 is not: NaN, while ∇J is still exact
+    assert not math.isnan(ratios[4]["exact"]) and math.isnan(ratios[16]["exact"])
+    by = {(r["estimator"], r["T"], r["gamma"], r["K"], r["renormalize"]): r for r in results}
+    assert by[("sampled_token", 64, 1.0, None, None)]["bias_rel_exact"] < 1e-10
+    assert 0.05 < by[("sampled_token", 64, 0.0, None, None)]["bias_rel_exact"] < 2
+    assert math.isnan(by[("sampled_token", 64, 1.0, None, None)]["variance_exact"])
+    # the CSV keeps its columns; the markdown reports the ratio's growth
+    with open(tmp_path / "variance.csv", newline="") as f:
+        assert tuple(next(csv.reader(f))) == CSV_COLUMNS
+    md = (tmp_path / "variance.md").read_text()
+    assert "Growth: the ratio rises as T^" in md and "| 64 |" in md
+    assert (tmp_path / "variance.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ratio_slope_reads_a_power_law():
+    ratios = {T: {"mc": 3.0 * T**2} for T in (2, 4, 8, 16, 32, 64)}
+    assert abs(ratio_slope(ratios) - 2.0) < 1e-12
+    assert math.isnan(ratio_slope({8: {"mc": 5.0}}))
