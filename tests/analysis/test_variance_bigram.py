@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from opdkit.analysis.estimators import bigram_exact_mean
+from opdkit.analysis.toy import bigram_row_visits, bigram_rows, enumerated_reverse_kl
 from opdkit.analysis.variance import (
     CSV_COLUMNS,
     DEFAULT_PROBLEM,
-    EstimatorSpec,
     Enumeration,
+    EstimatorSpec,
     enumerate_sequences,
     estimate,
     exact_kl_gradient,
@@ -26,7 +27,6 @@ from opdkit.analysis.variance import (
     sequence_reverse_kl,
     variance_ratios,
 )
-from opdkit.analysis.toy import bigram_row_visits, bigram_rows, enumerated_reverse_kl
 from opdkit.analysis.variance_report import ratio_slope
 from opdkit.losses import policy_gradient_loss, sampled_token_advantages, support_kl, teacher_topk_support
 
