@@ -172,7 +172,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         settings = EvalSettings(
             n_samples=args.n, temperature=args.temperature if args.temperature is not None else d.temperature,
             top_p=args.top_p if args.top_p is not None else d.top_p, greedy=args.greedy,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+            max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else d.max_new_tokens,
+            batch_size=args.batch_size, seed=args.seed,
             fallbacks=tuple(args.fallback or ()), grading_processes=args.grading_processes,
             grading_timeout_s=args.grading_timeout)
     except InputError as exc:  # name the flag, not the field
@@ -187,7 +188,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                ks=args.k, device=args.device, precision=args.precision,
                                chat_template=args.chat_template, trust_remote_code=args.trust_remote_code,
                                progress=not args.no_progress, threads=args.threads, stop_requested=stop_requested,
-                               env=env)
+                               env=env, given=_given_flags(args))
     except KeyboardInterrupt:
         samples = out / SAMPLES_FILE
         if samples.exists() and samples.stat().st_size:
@@ -203,6 +204,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+_GAME_FLAGS = {"max_turns": "--max-turns", "max_turn_tokens": "--max-turn-tokens",
+               "max_episode_tokens": "--max-episode-tokens", "admissible_commands": "--admissible-commands",
+               "env_system": "--env-system", "env_processes": "--env-processes", "step_timeout": "--step-timeout",
+               "alfworld_data": "--alfworld-data"}
+
+
+def _given_flags(args) -> set[str]:
+    """The flags of ``opdkit eval`` that were given, of those that act only on some kinds of benchmark."""
+    given = {flag for dest, flag in _GAME_FLAGS.items() if getattr(args, dest) is not None}
+    return given | ({"--max-new-tokens"} if args.max_new_tokens is not None else set())
+
+
 def _env_settings(args):
     """The ``env`` settings of ``opdkit eval``'s game flags (each checked as the config field it mirrors)."""
     from opdkit.config import load_config
@@ -211,9 +224,8 @@ def _env_settings(args):
     overrides = {"env.max_turns": args.max_turns, "env.max_turn_tokens": args.max_turn_tokens,
                  "env.max_episode_tokens": args.max_episode_tokens, "env.admissible_commands": args.admissible_commands,
                  "env.processes": args.env_processes, "env.step_timeout_s": args.step_timeout,
-                 "env.alfworld_data": args.alfworld_data}
-    if args.env_system is not None:
-        overrides["env.system_prompt"] = args.env_system
+                 "env.alfworld_data": args.alfworld_data, "env.system_prompt": args.env_system}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     flags = {"env.max_turns": "--max-turns", "env.max_turn_tokens": "--max-turn-tokens",
              "env.max_episode_tokens": "--max-episode-tokens", "env.processes": "--env-processes",
              "env.step_timeout_s": "--step-timeout"}
@@ -226,6 +238,12 @@ def _env_settings(args):
         for key, flag in flags.items():
             message = message.replace(key, flag)
         raise OpdkitError(message) from None
+
+
+def _envs_data_help() -> str:
+    from opdkit.envs.cli import DATA_HELP
+
+    return DATA_HELP
 
 
 def _eval_defaults():
@@ -388,7 +406,9 @@ exit status: 0 done; 2 bad input (the message names the file, line, key or argum
         help="make TextWorld games offline, play a game",
         description="opdkit envs make-games OUT [--n N --difficulty easy|medium|hard --split train|test]: TextWorld "
         "games for training and evaluation. opdkit envs play GAME [COMMAND ...] [--walkthrough]: play one as the "
-        "student sees it. Add --help after the mode for its flags and the data-line format.",
+        "student sees it. Add --help after the mode for its flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_envs_data_help(),
     )
     p.add_argument("rest", nargs=argparse.REMAINDER, help="MODE and its flags (make-games, play)")
     p.set_defaults(func=_cmd_envs)
@@ -434,8 +454,9 @@ exit status: 0 done; 2 bad input; 75 interrupted (samples so far kept: run the s
     p.add_argument("--temperature", type=float, default=None, help=f"sampling temperature (default {d.temperature})")
     p.add_argument("--top-p", type=float, default=None, help=f"nucleus threshold (default {d.top_p})")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling (with --n 1)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                   help="response budget in tokens (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"response budget in tokens of a problem's answer (default {d.max_new_tokens}; games use "
+                   "--max-turn-tokens)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="answers per generate call "
                    "(default %(default)s)")
     p.add_argument("--max-problems", type=int, default=0, help="only the first N problems of each benchmark "
@@ -464,17 +485,20 @@ exit status: 0 done; 2 bad input; 75 interrupted (samples so far kept: run the s
     e = EnvConfig()
     g = p.add_argument_group("text games (textworld:DIR, alfworld:SPLIT, JSONL of env lines: each sample is an "
                              "episode, correct when won)")
-    g.add_argument("--max-turns", type=int, default=e.max_turns, help="actions per episode (default %(default)s)")
-    g.add_argument("--max-turn-tokens", type=int, default=e.max_turn_tokens,
-                   help="tokens per turn (default %(default)s)")
-    g.add_argument("--max-episode-tokens", type=int, default=e.max_episode_tokens,
-                   help="tokens per episode, observations included (default %(default)s)")
-    g.add_argument("--admissible-commands", action="store_true", help="list the valid commands in every observation")
+    g.add_argument("--max-turns", type=int, default=None, help=f"actions per episode (default {e.max_turns})")
+    g.add_argument("--max-turn-tokens", type=int, default=None,
+                   help=f"tokens per turn (default {e.max_turn_tokens})")
+    g.add_argument("--max-episode-tokens", type=int, default=None,
+                   help=f"tokens per episode, observations included (default {e.max_episode_tokens}, at most the "
+                   "model's context)")
+    g.add_argument("--admissible-commands", action="store_true", default=None,
+                   help="list the valid commands in every observation")
     g.add_argument("--env-system", default=None, metavar="TEXT", help="the episodes' system message (default: "
                    "env.system_prompt's)")
-    g.add_argument("--env-processes", type=int, default=e.processes, help="environment worker processes")
-    g.add_argument("--step-timeout", type=float, default=e.step_timeout_s, metavar="SECONDS",
-                   help="time limit of one environment step (default %(default)s)")
+    g.add_argument("--env-processes", type=int, default=None,
+                   help=f"environment worker processes (default {e.processes}; 0 = in this process)")
+    g.add_argument("--step-timeout", type=float, default=None, metavar="SECONDS",
+                   help=f"time limit of one environment step (default {e.step_timeout_s})")
     g.add_argument("--alfworld-data", default=None, metavar="DIR", help="ALFWorld's data (default $ALFWORLD_DATA)")
     p.set_defaults(func=_cmd_eval)
 

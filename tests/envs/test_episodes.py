@@ -125,15 +125,17 @@ def test_recorded_logprobs_and_teacher_signal_line_up_with_the_students_tokens(s
 
 
 def test_an_episode_ends_at_done_or_at_the_turn_limit(student):
-    specs = [_spec(0, max_steps=2), _spec(1, goal=[]), _spec(2, max_steps=10)]
+    specs = [_spec(0, max_steps=2), _spec(1, goal=[]), _spec(2, max_steps=10), _spec(3, max_steps=3)]
     batch, results = _play(student, specs, max_turns=3, turn_tokens=3)
-    lost, won, limit = results
+    lost, won, limit, game_limit = results
     assert (lost.turns, lost.won, lost.finish) == (2, False, "stop")  # the game said done after 2 actions
     assert (won.turns, won.won, won.finish, won.reward) == (1, True, "stop", 1.0)  # an empty goal: won at once
     assert (limit.turns, limit.won, limit.finish) == (3, False, "length")
-    assert [len(t) for t in batch.turn_bounds] == [2, 1, 3]
+    # the game's own step limit equal to the turn limit (as env.max_turns sets it): out of turns, "length"
+    assert (game_limit.turns, game_limit.won, game_limit.finish) == (3, False, "length")
+    assert [len(t) for t in batch.turn_bounds] == [2, 1, 3, 3]
     # no observation is appended after the last turn: every row's last real token is the student's
-    for b in range(3):
+    for b in range(4):
         last = int(batch.attention_mask_B_L[b].nonzero().max()) - batch.prompt_len
         assert batch.response_mask_B_T[b, last] == 1
 

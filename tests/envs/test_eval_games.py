@@ -24,7 +24,8 @@ def test_opdkit_eval_plays_games_and_answers_problems(tmp_path, tw_games, tiny_m
     assert len(episodes) == 4 and {(r["problem"], r["sample"]) for r in episodes} == {(0, 0), (0, 1), (1, 0), (1, 1)}
     for r in episodes:
         assert r["gold"] == "won" and r["correct"] == (r["status"] == "won")
-        assert "Admissible commands:" not in r["prompt"] and r["prompt"]  # the first observation itself
+        # the first prompt as the student saw it: the template's text, the admissible commands included
+        assert "Admissible commands:" in r["prompt"] and "<|im_start|>user" in r["prompt"]
         assert r["response"].startswith("> ") and 1 <= r["response"].count("\n> ") + 1 <= 2
     summary = json.loads((out / "summary.json").read_text())
     assert {b["benchmark"] for b in summary["benchmarks"]} == {"tw", "demo"}

@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 from opdkit.errors import OpdkitError
 
 __all__ = ["EnvError", "EnvSpec", "Environment", "PromptTemplate", "StepResult", "command_of", "register_env",
-           "template_from_config", "make_env", "ENV_KINDS"]
+           "template_from_config", "make_env", "check_spec", "ENV_KINDS"]
 
 
 class EnvError(OpdkitError):
@@ -138,3 +138,30 @@ def make_env(spec: EnvSpec) -> Environment:
         return factory(**dict(spec.args))
     except TypeError as exc:
         raise EnvError(f"environment {spec.kind}: bad arguments {dict(spec.args)!r} ({exc})") from None
+
+
+def check_spec(spec: EnvSpec) -> None:
+    """Build ``spec``'s environment and close it without playing: its arguments (names, values, game file)
+    are checked where a data line is read, not when a worker first starts the game (``EnvError``).
+
+    The built-in environments' constructors only check their arguments; a game starts at ``reset``.
+    """
+    import inspect
+
+    target = _REGISTRY.get(spec.kind)
+    if target is None:
+        raise EnvError(f"environment kind {spec.kind!r} is unknown (known: {', '.join(sorted(_REGISTRY))})")
+    import importlib
+
+    module, _, attr = target.partition(":")
+    factory = getattr(importlib.import_module(module), attr)
+    try:
+        inspect.signature(factory).bind(**dict(spec.args))
+    except TypeError as exc:
+        params = [n for n, p in inspect.signature(factory).parameters.items() if p.kind is not p.VAR_KEYWORD]
+        raise EnvError(f"environment {spec.kind}: {exc} (its arguments: {', '.join(params)})") from None
+    try:
+        env = make_env(spec)
+    except (TypeError, ValueError) as exc:  # a constructor's own conversion of a bad value (int("x"))
+        raise EnvError(f"environment {spec.kind}: bad arguments {dict(spec.args)!r} ({exc})") from None
+    env.close()

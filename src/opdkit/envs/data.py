@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from opdkit.data.jsonl import DataError
-from opdkit.envs.base import _REGISTRY, EnvError, EnvSpec
+from opdkit.envs.base import _REGISTRY, EnvError, EnvSpec, check_spec
 
 __all__ = ["env_defaults", "env_record", "env_source_records", "is_env_source"]
 
@@ -58,7 +58,12 @@ def env_record(obj: Mapping[str, Any], where: str, base_dir: Path, defaults: Map
     task = obj.get("task", kind)
     if not isinstance(task, str) or not task:
         raise DataError(f"{where}: field 'task' must be a non-empty string, got {task!r}")
-    return PromptRecord((), None, task, where, env=EnvSpec(kind, args, task))
+    spec = EnvSpec(kind, args, task)
+    try:
+        check_spec(spec)
+    except EnvError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    return PromptRecord((), None, task, where, env=spec)
 
 
 def is_env_source(source: str) -> bool:
@@ -71,6 +76,8 @@ def env_source_records(source: str, task: str | None, defaults: Mapping[str, Map
     from opdkit.data.prompts import PromptRecord
 
     kind, _, rest = source.partition(":")
+    if not rest.strip():
+        raise EnvError(f"{source}: expected a folder (textworld:DIR) or a split (alfworld:SPLIT) after '{kind}:'")
     if kind == "textworld":
         folder = Path(rest).expanduser()
         if not folder.is_dir():
@@ -87,6 +94,12 @@ def env_source_records(source: str, task: str | None, defaults: Mapping[str, Map
     else:
         raise EnvError(f"{source}: expected textworld:DIR or alfworld:SPLIT")
     task = task or kind
-    return [PromptRecord((), None, task, f"{source} game {i} ({Path(f).name})",
-                         env=EnvSpec(kind, {**dict(defaults.get(kind, {})), "game_file": f}, task))
-            for i, f in enumerate(files)]
+    out = [PromptRecord((), None, task, f"{source} game {i} ({Path(f).name})",
+                        env=EnvSpec(kind, {**dict(defaults.get(kind, {})), "game_file": f}, task))
+           for i, f in enumerate(files)]
+    for r in out:
+        try:
+            check_spec(r.env)
+        except EnvError as exc:
+            raise EnvError(f"{r.source}: {exc}") from None
+    return out

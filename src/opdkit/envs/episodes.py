@@ -15,7 +15,9 @@ The batch: ``prompt_len`` columns of left-padded prompts, then the rest of each 
 ``response_mask_B_T`` is 1 only on the student's own tokens (every turn's, its end-of-turn token included);
 observations and template tokens are context (attention 1, loss mask 0, ``sampled_ids`` pad). ``turn_bounds``
 holds each turn's ``(start, end)`` response columns. ``finish_reason`` is ``stop`` when the environment ended
-the episode and ``length`` when the turn limit or the token budget did. The teacher scores the same sequence.
+the episode (won, lost, or failed) and ``length`` when the turn limit or the token budget did (also when the
+game's own step limit, set to the turn limit, ends an episode that was not won on its last turn). The teacher
+scores the same sequence.
 
 A turn's seed is ``trajectory_seed(episode seed, turn)``, so an episode is the same however the batch is cut.
 """
@@ -70,6 +72,7 @@ class EpisodeResult:
     observations: tuple[str, ...] = ()
     finish: str = FINISH_LENGTH
     tokens: int = 0  # the student's own tokens over all turns
+    prompt: str = ""  # the first prompt as the student saw it (the chat template's text)
 
 
 def action_text(text: str) -> str:
@@ -190,6 +193,9 @@ def run_episodes(sampler, pool, specs: Sequence[EnvSpec], seeds: Sequence[int], 
             if res.done:
                 ep.done, ep.won, ep.finish = True, bool(res.info.get("won", False)), FINISH_STOP
                 ep.failure = res.info.get("failure")
+                if not ep.won and ep.failure is None and turn + 1 == settings.max_turns:
+                    # the game's own step limit is env.max_turns (env_defaults): out of turns, not over
+                    ep.finish = FINISH_LENGTH
                 continue
             if turn + 1 == settings.max_turns:
                 continue
@@ -202,7 +208,8 @@ def run_episodes(sampler, pool, specs: Sequence[EnvSpec], seeds: Sequence[int], 
     pool.close_episodes()
     batch = _assemble(eps, pad, have_stats, prompt_index)
     results = [EpisodeResult(ep.spec.task, ep.won, len(ep.actions), ep.reward, ep.failure, tuple(ep.actions),
-                             tuple(ep.observations), ep.finish, sum(ep.student)) for ep in eps]
+                             tuple(ep.observations), ep.finish, sum(ep.student),
+                             tok.decode(ep.prompt, skip_special_tokens=False)) for ep in eps]
     return batch, results
 
 

@@ -67,7 +67,7 @@ class EpisodeEvaluator:
             for (b, p, j), r in batch:
                 transcript = "\n".join(f"> {a}\n{o}" for a, o in zip(r.actions, r.observations[1:], strict=False))
                 status = "won" if r.won else (f"failure: {r.failure}" if r.failure else "lost")
-                out.append(Sample(self.benchmarks[b].name, p, j, r.observations[0], transcript,
+                out.append(Sample(self.benchmarks[b].name, p, j, r.prompt or r.observations[0], transcript,
                                   r.actions[-1] if r.actions else None, "won", bool(r.won), status, r.tokens,
                                   r.finish == "length"))
             yield out

@@ -3,7 +3,7 @@
 The episode is won when the goal actions have been played in order (other actions in between are allowed
 and answered with ``replies`` or the default reply); it ends when won or after ``max_steps`` actions. It can
 also be told to misbehave, to exercise the worker pool: ``raise_on`` raises, ``hang_on`` never answers,
-``exit_on`` kills its process.
+``exit_on`` kills its process, each when the action equals it (``"*"``: any action).
 """
 
 from __future__ import annotations
@@ -16,6 +16,11 @@ from typing import Any
 from opdkit.envs.base import command_of
 
 __all__ = ["ScriptedEnv"]
+
+
+def _hits(trigger: str | None, action: str) -> bool:
+    """Whether a misbehaviour set for ``trigger`` happens on ``action`` (``"*"``: on every action)."""
+    return trigger is not None and (trigger == "*" or trigger == action)
 
 
 class ScriptedEnv:
@@ -45,11 +50,11 @@ class ScriptedEnv:
 
     def step(self, action: str):
         action = command_of(action)
-        if action == self.raise_on:
+        if _hits(self.raise_on, action):
             raise RuntimeError(f"scripted failure on {action!r}")
-        if action == self.hang_on:
+        if _hits(self.hang_on, action):
             time.sleep(10**6)
-        if action == self.exit_on:
+        if _hits(self.exit_on, action):
             os._exit(3)
         self.steps += 1
         if self.progress < len(self.goal) and action == self.goal[self.progress]:

@@ -38,6 +38,7 @@ def clean_observation(text: str) -> str:
 
 
 META_REPLY = "That command is not available in this game."
+GAME_SUFFIXES = (".z8", ".ulx")  # what TextWorld compiles a game to (the .json beside it holds its metadata)
 # Commands of the Z-machine interpreter rather than of the game: they ask a yes/no question or a file name
 # and leave the game waiting; "\..." is a frotz meta-command, which loops forever on an unknown one.
 _META = {"save", "restore", "restart", "quit", "q", "undo", "script", "unscript", "transcript", "verify",
@@ -76,6 +77,9 @@ class TextWorldEnv:
         path = Path(game_file)
         if not path.is_file():
             raise EnvError(f"TextWorld game '{game_file}': no such file")
+        if path.suffix not in GAME_SUFFIXES:
+            raise EnvError(f"TextWorld game '{game_file}': expected a compiled game ({', '.join(GAME_SUFFIXES)}), "
+                           f"not a {path.suffix or 'suffix-less'} file")
         if not path.with_suffix(".json").is_file():
             raise EnvError(f"TextWorld game '{game_file}': its {path.with_suffix('.json').name} is missing (TextWorld "
                            "writes it beside the compiled game; it holds the game's commands and quest)")
@@ -165,10 +169,16 @@ def make_games(out_dir: str | Path, n: int, *, difficulty: str | Difficulty = "e
     :data:`DIFFICULTIES` or a :class:`Difficulty`; ``processes``: games made in parallel. Returns the game files."""
     if isinstance(difficulty, str) and difficulty not in DIFFICULTIES:
         raise EnvError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
+    if split not in _SPLIT_OFFSET:
+        raise EnvError(f"split must be one of {', '.join(_SPLIT_OFFSET)}, got {split!r}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EnvError(f"'{out}' is a file, not a folder for games; give a folder (it is made if missing)")
     _import_textworld()
     d = DIFFICULTIES[difficulty] if isinstance(difficulty, str) else difficulty
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _record_games(out, split, {"seed": int(seed), "rooms": d.rooms, "objects": d.objects,
+                               "quest_length": d.quest_length})
     files = [out / f"{split}-{i:04d}.z8" for i in range(n)]
     todo = [(i, str(p)) for i, p in enumerate(files) if not (p.is_file() and p.with_suffix(".json").is_file())]
     jobs = [(game_seed(seed, split, i), path, d.rooms, d.objects, d.quest_length) for i, path in todo]
@@ -180,6 +190,32 @@ def make_games(out_dir: str | Path, n: int, *, difficulty: str | Difficulty = "e
             if log is not None:
                 log(f"made {path}")
     return files
+
+
+GAMES_RECORD = "opdkit-games.json"
+
+
+def _record_games(out: Path, split: str, settings: dict) -> None:
+    """Keep, per split, the seed and difficulty of the games in ``out`` (``GAMES_RECORD``): games already there
+    are reused only when they were made with the same settings (``EnvError`` otherwise)."""
+    import json
+
+    path = out / GAMES_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError as exc:
+        raise EnvError(f"'{path}': not valid JSON ({exc}); delete it if the games there are yours to remake") from None
+    old = record.get(split)
+    if old is not None and old != settings:
+        def say(x):
+            return f"seed {x.get('seed')}, {x.get('rooms')} room(s), {x.get('quest_length')} action(s)"
+        raise EnvError(f"'{out}' already holds {split} games made with {say(old)}; this asks for {say(settings)}. "
+                       "Give another folder, or the same --seed and --difficulty")
+    if old is None:
+        record[split] = settings
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.replace(path)
 
 
 def _make_in_subprocesses(jobs, processes: int, log) -> None:

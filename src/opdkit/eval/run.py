@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from opdkit.errors import OpdkitError
@@ -212,6 +212,27 @@ def format_table(summary: dict, markdown: bool = False) -> str:
     return "\n".join([fmt.format(*head)] + [fmt.format(*r) for r in rows]) + "\n"
 
 
+def _env_failures(rows, names) -> dict[str, tuple[int, int, str]]:
+    """Per game benchmark with failed episodes: ``(failed, episodes, the first failure's words)``."""
+    out: dict[str, tuple[int, int, str]] = {}
+    for name in sorted(names):
+        mine = [r for r in rows if r["benchmark"] == name]
+        failed = [r for r in mine if str(r.get("status", "")).startswith("failure:")]
+        if failed:
+            out[name] = (len(failed), len(mine), str(failed[0]["status"]).removeprefix("failure:").strip())
+    return out
+
+
+def fit_episode_budget(env, context: int | None, *, key: str, log):
+    """``env`` with ``max_episode_tokens`` at most the model's ``context`` (a log line when it is lowered): an
+    episode longer than the model's positions would be played on positions it never saw."""
+    if context is None or env.max_episode_tokens <= context:
+        return env
+    log(f"note: {key} {env.max_episode_tokens} is more than the model's context ({context} positions, "
+        f"max_position_embeddings): episodes end at {context} tokens")
+    return dataclasses.replace(env, max_episode_tokens=int(context))
+
+
 def _batches(benchmarks, games, settings, env, model, tokenizer, todo, pool, timings):
     """The graded samples of ``todo``, batch by batch: answers to problems, then episodes of games."""
     from opdkit.envs.base import template_from_config
@@ -254,6 +275,7 @@ def run_eval(
     log=None,
     stop_requested=None,
     env=None,
+    given: Collection[str] = (),
 ) -> dict:
     """Evaluate the model in ``model_path`` on the benchmarks ``specs`` (see :mod:`opdkit.eval.benchmarks`)
     with ``settings`` (:class:`~opdkit.eval.evaluator.EvalSettings`); write and return the summary.
@@ -263,7 +285,9 @@ def run_eval(
     batch; True raises ``KeyboardInterrupt`` there (a signal whose exception a library swallowed, e.g. inside
     in-process grading, still stops the run). ``env``: an :class:`opdkit.config.EnvConfig` for environment
     benchmarks (``textworld:DIR``, ``alfworld:SPLIT``, JSONL of ``env`` lines): each sample is then an episode,
-    correct when won.
+    correct when won. ``given``: the command-line flags given that act on one kind of benchmark only
+    (``--max-new-tokens`` on problems, the game flags on games); one given with no benchmark of its kind is
+    refused.
     """
     import torch
 
@@ -293,6 +317,13 @@ def run_eval(
                                  max_problems=max_problems, env_defaults=env_defaults(env),
                                  alfworld_data=env.alfworld_data)
     games = [b for b in benchmarks if is_env_benchmark(b)]
+    if "--max-new-tokens" in given and len(games) == len(benchmarks):
+        raise OpdkitError("--max-new-tokens: given, but every benchmark is a game, whose turns are --max-turn-tokens "
+                          "long; drop it")
+    unread = sorted(f for f in given if f != "--max-new-tokens") if not games else []
+    if unread:
+        raise OpdkitError(f"{', '.join(unread)}: given, but no benchmark is a game; drop "
+                          f"{'it' if len(unread) == 1 else 'them'}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
@@ -334,6 +365,8 @@ def run_eval(
                            trust_remote_code=trust_remote_code, device=dev)
     _check_prompts([b for b in benchmarks if b not in games], tokenizer, context_length(model),
                    settings.max_new_tokens, log)
+    if games:
+        env = fit_episode_budget(env, context_length(model), key="--max-episode-tokens", log=log)
 
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
@@ -382,7 +415,13 @@ def run_eval(
                           "generate": round(timings.get("generate_s", 0.0), 2),
                           "grade": round(timings.get("grade_s", 0.0), 2), "samples": len(todo)}
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    truncated = [b for b in summary["benchmarks"] if (b["truncation_rate"] or 0) > 0.1]
+    game_names = {b.name for b in games}
+    truncated = [b for b in summary["benchmarks"] if (b["truncation_rate"] or 0) > 0.1 and b["benchmark"] not in
+                 game_names]
+    failures = _env_failures(rows, game_names)
+    for name, (count, total, example) in failures.items():
+        log(f"warning: {count} of {total} episodes of {name} ended by an environment failure (counted as not won), "
+            f"e.g. {example}")
     if truncated:
         worst = max(truncated, key=lambda b: b["truncation_rate"])
         log(f"warning: {worst['truncation_rate']:.0%} of {worst['benchmark']}'s answers hit --max-new-tokens "
@@ -390,7 +429,15 @@ def run_eval(
             "of tokens: raise --max-new-tokens")
     s = settings
     how = "greedy" if s.greedy else f"temperature {s.temperature}, top-p {s.top_p}"
+    budget = []
+    if len(games) < len(benchmarks):
+        budget.append(f"at most {s.max_new_tokens} new tokens per answer")
+    if games:
+        budget.append(f"episodes of at most {env.max_turns} turns of {env.max_turn_tokens} tokens and "
+                      f"{env.max_episode_tokens} tokens in all")
+    notes = "".join(f"\n{name}: {count} of {total} episodes ended by an environment failure (counted as not won), "
+                    f"e.g. {example}.\n" for name, (count, total, example) in failures.items())
     _write_atomic(out / "summary.md", f"# Evaluation of `{manifest['model']}`\n\n{s.n_samples} sample(s) per problem, "
-                  f"{how}, at most {s.max_new_tokens} new tokens; avg@n and pass@k in %, 95% intervals over "
-                  f"problems.\n\n" + format_table(summary, markdown=True))
+                  f"{how}, {', '.join(budget)}; avg@n and pass@k in %, 95% intervals over "
+                  f"problems.\n\n" + format_table(summary, markdown=True) + notes)
     return summary

@@ -420,7 +420,8 @@ def build_components(
     teachers = _task_teachers(cfg, schedule, objective, student_rows=student_rows, drop_ids=drop_ids,
                               student_tok=tokenizer, teacher_dtype=None if cfg.teacher.url else teacher_dtype,
                               device=device, main=teacher_model, log=log if dist.is_main else None)
-    env_pool, env_template, episode_settings = _environments(cfg, records, eval_problems)
+    env_pool, env_template, episode_settings = _environments(cfg, records, eval_problems, context=max_pos,
+                                                             log=log if dist.is_main else (lambda _m: None))
 
     params = [p for p in lm.parameters() if p.requires_grad]
     optimizer = make_adamw(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
@@ -449,7 +450,8 @@ def build_components(
     if cfg.rollout.engine == "vllm":
         ctx = context_length(inner)
         vllm = {"model_dir": cfg.model.path, "dtype": "bfloat16" if precision.name == "bf16" else "float32",
-                "max_model_len": min(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, ctx or 1 << 30),
+                "max_model_len": min(max(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                                         episode_settings.max_tokens if episode_settings else 0), ctx or 1 << 30),
                 "kv_cache_gb": cfg.rollout.vllm_kv_cache_gb, "seed": cfg.rollout.seed,
                 "trust_remote_code": cfg.model.trust_remote_code}
     sampler = build_sampler(cfg.rollout, inner, tokenizer, generate_fn=generate_fn, max_prompt_tokens=truncate,
@@ -551,26 +553,35 @@ def _same_dir(a: str, b: str) -> bool:
         return False
 
 
-def _environments(cfg: Config, records, eval_problems):
+def _environments(cfg: Config, records, eval_problems, *, context: int | None = None, log=print):
     """The worker pool, prompt template and episode limits when the training data holds environments; else
-    ``(None, None, None)``, and an ``env.*`` setting changed from its default is refused (nothing reads it)."""
-    from opdkit.config import EnvConfig
+    ``(None, None, None)``, and an ``env.*`` setting changed from its default is refused (nothing reads it).
+
+    With only environments to train on, ``rollout.max_new_tokens`` changed from its default is refused too
+    (turns are ``env.max_turn_tokens`` long); ``env.max_episode_tokens`` is lowered to the student's
+    ``context`` (logged)."""
+    from opdkit.config import EnvConfig, RolloutConfig
     from opdkit.envs.base import template_from_config
     from opdkit.envs.episodes import EpisodeSettings
     from opdkit.envs.pool import EnvPool
+    from opdkit.eval.run import fit_episode_budget
 
     if not any(r.env is not None for r in records):
         if not _evaluates_games(cfg, eval_problems):
             changed = [f"env.{k}" for k, v in vars(EnvConfig()).items() if getattr(cfg.env, k) != v]
             if changed:
                 raise OpdkitError(f"{', '.join(changed)}: set, but the training data holds no environment (see "
-                                  "data.train_path); remove them")
+                                  f"data.train_path); remove {'it' if len(changed) == 1 else 'them'}")
         return None, None, None
     if cfg.teacher.own_chat_template:
         raise OpdkitError("teacher.own_chat_template=true with environments in the training data is not supported "
                           "(the teacher would need each episode's conversation re-rendered turn by turn)")
+    if all(r.env is not None for r in records) and cfg.rollout.max_new_tokens != RolloutConfig().max_new_tokens:
+        raise OpdkitError("rollout.max_new_tokens: set, but every training record is an environment, whose turns "
+                          "are env.max_turn_tokens long; remove it (or set env.max_turn_tokens)")
+    env = fit_episode_budget(cfg.env, context, key="env.max_episode_tokens", log=log)
     return (EnvPool(cfg.env.processes, cfg.env.step_timeout_s), template_from_config(cfg.env),
-            EpisodeSettings.from_config(cfg.env))
+            EpisodeSettings.from_config(env))
 
 
 def make_adamw(params, **kw) -> torch.optim.AdamW:

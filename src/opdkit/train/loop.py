@@ -288,6 +288,12 @@ class Trainer:
             local, record = run_step(self.c, step, records, positions, keep_record=on_step is not None)
             local.max("time_step_s", time.perf_counter() - t)
             metrics = local.reduce(dist)
+            if metrics.get("env_failure_rate", 0.0) >= 1.0:  # the same value on every process: all stop
+                raise TrainingAborted(
+                    f"step {step + 1}: every episode failed ({local.notes[0] if local.notes else 'see the logs'}); "
+                    "nothing can be learnt from it. Check the environment data and the env.* settings "
+                    "(env.max_episode_tokens for a budget failure, env.step_timeout_s for timeouts)"
+                )
             if self.c.schedule.multitask:  # the step's task, and its curves under their own names
                 task = str(records[0].task)
                 metrics["task"] = task

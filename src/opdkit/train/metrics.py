@@ -105,6 +105,7 @@ class StepMetrics:
         self._max: dict[str, float] = {}
         self._global: dict[str, Any] = {}
         self._moments: dict[str, list[float]] = {}
+        self.notes: list[str] = []  # this process's words for an error message (never reduced)
 
     def _known(self, name: str) -> None:
         if name not in METRICS:

@@ -154,6 +154,7 @@ def run_step(c, step: int, records: list, positions: list[int], *, keep_record: 
         metrics.mean("episode_success", em["success"] * len(episodes), len(episodes))
         metrics.mean("episode_turns", em["turns"] * len(episodes), len(episodes))
         metrics.mean("env_failure_rate", em["env_failures"] * len(episodes), len(episodes))
+        metrics.notes += [f"{r.failure}" for r in episodes if r.failure is not None][:1]
     B = batch.batch_size
 
     # 2. student pass (no grad, through the prepared module, under the precision policy), unless the sampler
