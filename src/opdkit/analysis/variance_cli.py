@@ -8,6 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from opdkit.analysis import variance_experiment
+from opdkit.analysis.lm_variance import (
+    DEMO_GAMMAS,
+    DEMO_KS,
+    DEMO_TS,
+    LM_N_ESTIMATES,
+    LM_SAMPLES_PER_ESTIMATE,
+)
 from opdkit.analysis.toy import DEFAULT_PROBLEM, PROBLEM_PRESETS
 from opdkit.analysis.variance_experiment import (
     DEFAULT_GAMMAS,
@@ -18,6 +25,9 @@ from opdkit.analysis.variance_experiment import (
     run_variance_experiment,
 )
 from opdkit.analysis.variance_report import variance_ratios
+from opdkit.errors import InputError
+
+LM_PROBLEMS = ("demo", "lm")
 
 __all__ = ["add_variance_arguments", "main_variance", "variance_from_args"]
 
@@ -35,46 +45,59 @@ def add_variance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (variance.csv, variance.md, variance.png)")
     p.add_argument(
         "--problem",
-        choices=sorted(PROBLEM_PRESETS),
+        choices=sorted([*PROBLEM_PRESETS, *LM_PROBLEMS]),
         default=DEFAULT_PROBLEM,
         help=(
             "toy problem (default: 'bigram': a bigram student, V=8, T = 2..256, Monte Carlo with exact ∇J; "
             "'tabular': one row per prefix, V=4, T = 2..8, everything enumerated; 'imbalanced': a tabular, "
-            "far student under a sharper teacher, V=2, T up to 16)"
+            "far student under a sharper teacher, V=2, T up to 16; 'demo': the demo's tiny student and "
+            "teacher (built into the demo cache if missing, minutes), T = 4..256, the gradient w.r.t. the "
+            "student's output layer; 'lm': the same with --student and --teacher)"
         ),
     )
     p.add_argument("--T", dest="Ts", type=_ints, default=None, help="horizons, e.g. '2,4,6' (default: the preset's)")
-    p.add_argument("--gammas", type=_floats, default=list(DEFAULT_GAMMAS), help="discounts, comma-separated")
-    p.add_argument("--K", dest="Ks", type=_ints, default=list(DEFAULT_KS), help="support sizes (V always added)")
+    p.add_argument("--gammas", type=_floats, default=None,
+                   help=f"discounts, comma-separated (default {_csv(DEFAULT_GAMMAS)}; demo/lm {_csv(DEMO_GAMMAS)})")
+    p.add_argument("--K", dest="Ks", type=_ints, default=None,
+                   help=f"support sizes, V always added (default {_csv(DEFAULT_KS)}; demo/lm {_csv(DEMO_KS)})")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size V (default: the preset's)")
-    p.add_argument("--n-estimates", type=int, default=DEFAULT_N_ESTIMATES, help="independent groups")
+    p.add_argument("--n-estimates", type=int, default=None,
+                   help=f"independent groups (default {DEFAULT_N_ESTIMATES}; demo/lm {LM_N_ESTIMATES})")
     p.add_argument(
         "--samples-per-estimate",
         type=int,
         default=None,
-        help=f"trajectories per group (default: the problem's; bigram 100, tabular {DEFAULT_SAMPLES_PER_ESTIMATE})",
+        help=f"trajectories per group (default: the problem's; bigram 100, tabular {DEFAULT_SAMPLES_PER_ESTIMATE}, "
+        f"demo/lm {LM_SAMPLES_PER_ESTIMATE})",
     )
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--no-plot", action="store_true", help="skip variance.png")
+    g = p.add_argument_group("language models (--problem demo or lm)")
+    g.add_argument("--student", default=None, metavar="DIR", help="the student's model directory (--problem lm)")
+    g.add_argument("--teacher", default=None, metavar="DIR", help="the teacher's, same tokenizer (--problem lm)")
+    g.add_argument("--prompts", default=None, metavar="JSONL",
+                   help="prompts ({\"prompt\": ...} lines; default: 16 of the demo task's training prompts)")
+    g.add_argument("--reference-factor", type=int, default=4,
+                   help="the γ=1 reference gradient uses this many times the trajectories (default 4)")
+    g.add_argument("--cache-dir", default=None, metavar="DIR", help="the demo's cache (--problem demo)")
+
+
+def _csv(values) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 def variance_from_args(args: argparse.Namespace) -> int:
     from opdkit.paths import check_output_dir
 
     check_output_dir(args.out, "--out")  # before minutes of computation, not after
-    results = run_variance_experiment(
-        args.out,
-        Ts=args.Ts,
-        gammas=args.gammas,
-        Ks=args.Ks,
-        vocab=args.vocab,
-        n_estimates=args.n_estimates,
-        samples_per_estimate=args.samples_per_estimate,
-        seed=args.seed,
-        plot=not args.no_plot,
-        verbose=True,
-        problem=args.problem,
-    )
+    lm_flags = [f for f, v in (("--student", args.student), ("--teacher", args.teacher), ("--prompts", args.prompts),
+                               ("--cache-dir", args.cache_dir)) if v is not None]
+    if args.problem in LM_PROBLEMS:
+        results = run_lm_experiment(args)
+    else:
+        if lm_flags:
+            raise InputError(f"{', '.join(lm_flags)}: only with --problem demo or lm")
+        results = _toy(args)
     for T, v in variance_ratios(results).items():
         exact = "" if math.isnan(v["exact"]) else f", exact {v['exact']:.3g}"
         print(
@@ -83,6 +106,88 @@ def variance_from_args(args: argparse.Namespace) -> int:
         )
     print(f"wrote {Path(args.out) / 'variance.csv'}, variance.md" + ("" if args.no_plot else ", variance.png"))
     return 0
+
+
+def _toy(args: argparse.Namespace) -> list[dict]:
+    return run_variance_experiment(
+        args.out,
+        Ts=args.Ts,
+        gammas=args.gammas if args.gammas is not None else DEFAULT_GAMMAS,
+        Ks=args.Ks if args.Ks is not None else DEFAULT_KS,
+        vocab=args.vocab,
+        n_estimates=args.n_estimates if args.n_estimates is not None else DEFAULT_N_ESTIMATES,
+        samples_per_estimate=args.samples_per_estimate,
+        seed=args.seed,
+        plot=not args.no_plot,
+        verbose=True,
+        problem=args.problem,
+    )
+
+
+def run_lm_experiment(args: argparse.Namespace) -> list[dict]:
+    """``--problem demo|lm``: load the pair and the prompts, run ``run_lm_variance``, write the files."""
+    from opdkit.analysis.estimators import default_specs
+    from opdkit.analysis.lm_variance import LMProblem, run_lm_variance
+    from opdkit.analysis.variance_report import format_markdown, write_csv
+    from opdkit.data.chat import render_chat
+    from opdkit.hf import load_causal_lm, load_tokenizer
+
+    if args.vocab is not None:
+        raise InputError("--vocab: the models' vocabulary is what it is; drop it with --problem demo or lm")
+    if args.problem == "demo":
+        if args.student or args.teacher:
+            raise InputError("--student/--teacher: --problem demo uses the demo's models; use --problem lm for yours")
+        from opdkit.demo.cache import prepare_demo_models
+
+        models = prepare_demo_models(args.cache_dir, log=print)
+        student_dir, teacher_dir = models.student_dir, models.teacher_dir
+    else:
+        if args.cache_dir is not None:
+            raise InputError("--cache-dir: only with --problem demo")
+        if not args.student or not args.teacher:
+            raise InputError("--problem lm: give --student DIR and --teacher DIR")
+        student_dir, teacher_dir = args.student, args.teacher
+    tokenizer = load_tokenizer(student_dir, require_chat_template=True)
+    student = load_causal_lm(student_dir, dtype="float32")
+    teacher = load_causal_lm(teacher_dir, dtype="float32")
+    if student.get_output_embeddings().weight.shape[0] != teacher.get_output_embeddings().weight.shape[0]:
+        raise InputError("--student and --teacher: their output vocabularies differ (a shared tokenizer is needed)")
+    problem = LMProblem(student, teacher, [render_chat(tokenizer, m) for m in _prompt_messages(args.prompts)])
+    specs = default_specs(problem.V, args.gammas if args.gammas is not None else DEMO_GAMMAS,
+                          args.Ks if args.Ks is not None else DEMO_KS)
+    n_est = args.n_estimates if args.n_estimates is not None else LM_N_ESTIMATES
+    per = args.samples_per_estimate if args.samples_per_estimate is not None else LM_SAMPLES_PER_ESTIMATE
+    Ts = args.Ts if args.Ts is not None else list(DEMO_TS)
+    results = run_lm_variance(problem, specs, Ts=Ts, n_estimates=n_est, samples_per_estimate=per,
+                              reference_factor=args.reference_factor, seed=args.seed, verbose=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(results, out / "variance.csv")
+    settings = dict(vocab=problem.V, Ts=Ts, n_estimates=n_est, samples_per_estimate=per, seed=args.seed,
+                    problem=args.problem,
+                    description=f"student {student_dir}, teacher {teacher_dir}, {len(problem.prompt_ids)} prompts; "
+                    "T tokens sampled at τ = 1 (EOS an ordinary token); the gradient w.r.t. the student's output "
+                    f"layer [{problem.V}, {problem.W_V_d.shape[1]}]; bias against a γ = 1 reference from "
+                    f"{args.reference_factor}x the trajectories (its noise is in `floor`)")
+    (out / "variance.md").write_text(format_markdown(results, settings), encoding="utf-8")
+    if not args.no_plot:
+        from opdkit.analysis.plots import plot_variance
+
+        plot_variance(results, out / "variance.png")
+    return results
+
+
+def _prompt_messages(path: str | None) -> list[list[dict]]:
+    if path is None:
+        from opdkit.demo.task import chat_messages, make_problems
+
+        return [chat_messages(p) for p in make_problems(16, seed=0, split="train")]
+    from opdkit.data.prompts import load_prompts
+
+    records = [r for r in load_prompts(path) if r.env is None]
+    if not records:
+        raise InputError(f"--prompts '{path}': no prompt in it")
+    return [list(r.messages) for r in records]
 
 
 def main_variance(argv: Sequence[str] | None = None) -> int:

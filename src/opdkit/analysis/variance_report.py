@@ -110,14 +110,14 @@ def format_markdown(results: Sequence[dict], settings: dict) -> str:
     """``variance.md``: the settings, the γ sweep, the support-KL sweep and the γ=1/γ=0 variance ratios."""
     n = settings["n_estimates"] * settings["samples_per_estimate"]
     lines = [
-        "# Gradient bias and variance on a toy problem with a known gradient",
+        "# Gradient bias and variance of the OPD gradient estimators",
         "",
         f"V = {settings['vocab']}, T in {settings['Ts']}, {settings['n_estimates']} groups × "
         f"{settings['samples_per_estimate']} trajectories = {n} samples per T (the same trajectories for "
         f"every setting of one T), seed {settings['seed']}.",
         "",
         f"Problem `{settings.get('problem', DEFAULT_PROBLEM)}`: "
-        f"{get_preset(settings.get('problem', DEFAULT_PROBLEM)).description}.",
+        f"{settings.get('description') or get_preset(settings.get('problem', DEFAULT_PROBLEM)).description}.",
         "",
         "- `bias_rel` = ‖mean − ∇J‖ / ‖∇J‖ from the samples; `floor` = sqrt(variance / N) / ‖∇J‖, the "
         "size of the Monte Carlo noise in `bias_rel` (a bias well below it is not resolved); `exact` "
