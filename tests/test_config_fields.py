@@ -74,8 +74,10 @@ def test_every_config_field_is_read_or_refused(tmp_path, tiny_model_dirs, reads)
          f"teacher.per_task=[toy={tiny_model_dirs['qwen2']}]", "env.max_turns=2", "env.max_turn_tokens=4",
          "env.max_episode_tokens=512", "env.admissible_commands=true", "env.system_prompt=Play.", "env.processes=1",
          "env.step_timeout_s=30", f"env.alfworld_data={tmp_path}", "optim.total_steps=2"],
+        # a nucleus support cut from a served teacher's top-K
         ["teacher.url=SERVER", "teacher.api=opdkit", f"teacher.token_file={token}", "teacher.timeout_s=60",
-         "teacher.retries=2"],
+         "teacher.retries=2", "objective.support=teacher_topp", "objective.support_top_p=0.02",
+         "objective.support_min_k=2"],
     ]
     for i, extra in enumerate(runs):
         if "teacher.url=SERVER" in extra:

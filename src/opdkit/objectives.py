@@ -8,9 +8,10 @@ An objective is the single place that knows one loss of METHOD.md:
 - :class:`SupportKL` (objective 3 and the extensions of 4): a divergence on a support set per position,
   renormalised inside it by default (the paper's method). Support from the teacher's top-K, the
   student's top-K (taken by the student pass, then scored by the teacher), or the teacher's top-K plus
-  the sampled token. Computed from hidden states with only the K support rows of the LM head when the
-  head allows it (``objective.fused``; see ``opdkit.modeling.OutputHead.unfused_reason``), else from
-  chunked dense logits.
+  the sampled token, or a nucleus of the teacher's top-K (``teacher_topp``: the fewest ids reaching a mass,
+  cut from the teacher's top-K after scoring). Computed from hidden states with only the K support rows of
+  the LM head when the head allows it (``objective.fused``; see
+  ``opdkit.modeling.OutputHead.unfused_reason``), else from chunked dense logits.
 - :class:`FullReverseKL` (objective 2): the reverse KL over the whole shared vocabulary, from chunked
   dense logits against the teacher's full log-probs (``K = V``: needs a local teacher).
 - :class:`SampledToken` (objective 1): policy gradient on the per-token reward ``log q − log π_old``,
@@ -98,6 +99,7 @@ class Objective:
 
     name: str = ""
     request: TeacherRequest
+    nucleus: tuple[float, int] | None = None  # (support_top_p, support_min_k) of a teacher_topp support
     student_topk: int = 0
     support_diagnostics: bool = True
 
@@ -152,7 +154,9 @@ class SupportKL(Objective):
 
     def __init__(self, cfg: ObjectiveConfig, *, temperature: float, chunk_size: int):
         super().__init__(temperature=temperature, chunk_size=chunk_size)
-        self.request = TeacherRequest(cfg.support, cfg.top_k)
+        # A nucleus support is cut from the teacher's top-K_max after scoring (any teacher can send that).
+        self.request = TeacherRequest("teacher_topk" if cfg.support == "teacher_topp" else cfg.support, cfg.top_k)
+        self.nucleus = (cfg.support_top_p, cfg.support_min_k) if cfg.support == "teacher_topp" else None
         self.student_topk = cfg.top_k if cfg.support == "student_topk" else 0
         self.fused = cfg.fused
         self.opts = dict(

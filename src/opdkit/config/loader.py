@@ -211,6 +211,10 @@ def _check_combinations(cfg: Config, origins: Mapping[str, str], source: str) ->
             "objective.tail_bucket=true requires objective.renormalize=false "
             "(inside a renormalised support the tail mass is 0)",
         )
+    if o.support == "teacher_topp" and o.support_min_k > o.top_k:
+        raise _error(where("objective.support_min_k", "objective.top_k"),
+                     f"objective.support_min_k ({o.support_min_k}) must not exceed objective.top_k ({o.top_k}), "
+                     "the most ids a nucleus support may have")
     if opt.total_steps > 0 and opt.warmup_steps > opt.total_steps:
         raise _error(
             where("optim.warmup_steps", "optim.total_steps"),
@@ -235,6 +239,10 @@ def _inert_rules(cfg: Config) -> list[tuple[str, bool, str]]:
         ("objective.ppo_clip_eps", not (pg and cfg.optim.mini_batches > 1),
          "it acts only with objective.kind=sampled_token and optim.mini_batches > 1 (PPO clipping)"),
         ("objective.support", not skl, "it acts only with objective.kind=support_kl"),
+        ("objective.support_top_p", not (skl and o.support == "teacher_topp"),
+         "it acts only with objective.support=teacher_topp"),
+        ("objective.support_min_k", not (skl and o.support == "teacher_topp"),
+         "it acts only with objective.support=teacher_topp"),
         ("objective.renormalize", not skl, "it acts only with objective.kind=support_kl"),
         ("objective.divergence", not skl, "it acts only with objective.kind=support_kl"),
         ("objective.tail_bucket", not skl, "it acts only with objective.kind=support_kl"),

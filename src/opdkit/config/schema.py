@@ -170,9 +170,14 @@ class ObjectiveConfig:
     support: str = _f(
         "teacher_topk",
         "which tokens form the support set of a position",
-        choices=("teacher_topk", "student_topk", "teacher_topk_plus_sampled"),
+        choices=("teacher_topk", "student_topk", "teacher_topk_plus_sampled", "teacher_topp"),
     )
-    top_k: int = _f(32, "support set size K", ge=1)
+    top_k: int = _f(32, "support set size K (teacher_topp: the most ids a position may have, K_max)", ge=1)
+    support_top_p: float = _f(
+        0.9,
+        "teacher_topp: a position's support is the fewest of the teacher's most likely ids whose probability "
+        "reaches this (at least support_min_k, at most top_k ids)", gt=0, le=1)
+    support_min_k: int = _f(1, "teacher_topp: the fewest ids a position's support may have", ge=1)
     renormalize: bool = _f(True, "renormalise both distributions inside the support (the paper's stable form)")
     divergence: str = _f(
         "reverse_kl", "divergence computed on the support", choices=("reverse_kl", "forward_kl", "jsd")

@@ -31,6 +31,7 @@ __all__ = [
     "gather_logprobs",
     "add_sampled_token",
     "drop_support_ids",
+    "nucleus_support",
     "special_token_mask",
 ]
 
@@ -160,6 +161,50 @@ def add_sampled_token(
     ids = torch.cat([support_ids, sampled_ids.to(support_ids.dtype).unsqueeze(-1)], dim=-1)
     logprobs = torch.cat([teacher_logprobs, extra_lp.unsqueeze(-1)], dim=-1)
     return ids, logprobs
+
+
+def nucleus_support(
+    support_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    top_p: float,
+    *,
+    min_k: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nucleus support sets (METHOD.md objective 5): per position, the fewest of the teacher's most likely
+    ids whose probability reaches ``top_p``, at least ``min_k`` and at most the K given.
+
+    Args:
+        support_ids: ``[..., K]`` the teacher's top-K ids (``K = K_max``; any order).
+        teacher_logprobs: ``[..., K]`` their full-vocabulary teacher log-probs (``-inf``: a padded slot).
+        top_p: the mass to reach, in (0, 1]. When the K ids hold less, all K are kept (the cap).
+        min_k: the fewest ids kept (not counting padded slots), ``1 <= min_k``.
+
+    Returns:
+        ``(support_ids[..., K], teacher_logprobs[..., K])``: the same ids, with the slots outside the nucleus
+        turned into padded slots (log-prob ``-inf``). A slot is kept when the mass of the ids ranked before
+        it (by the teacher's probability; ties by slot order) is below ``top_p``, or its rank is below ``min_k``.
+    """
+    support_ids = check_int("support_ids", support_ids, min_dim=1)
+    teacher_logprobs = check_float("teacher_logprobs", teacher_logprobs, min_dim=1)
+    if teacher_logprobs.shape != support_ids.shape:
+        raise InputError(
+            f"teacher_logprobs: expected the shape of support_ids {list(support_ids.shape)}, "
+            f"got {list(teacher_logprobs.shape)}"
+        )
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        raise InputError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+    if isinstance(min_k, bool) or not isinstance(min_k, int) or min_k < 1:
+        raise InputError(f"min_k: expected an int >= 1, got {min_k!r}")
+    check_no_nan("teacher_logprobs", teacher_logprobs)
+    lp = teacher_logprobs.to(torch.float64)
+    # stable sort: equal probabilities keep their slot order, so the kept set is deterministic
+    order = torch.sort(lp, dim=-1, descending=True, stable=True).indices
+    sorted_p = lp.gather(-1, order).exp()
+    before = sorted_p.cumsum(-1) - sorted_p  # the mass ranked before each slot
+    rank = torch.arange(lp.shape[-1], device=lp.device)
+    keep_sorted = (before < float(top_p)) | (rank < min_k)
+    keep = torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return support_ids, teacher_logprobs.masked_fill(~keep, float("-inf"))
 
 
 def drop_support_ids(

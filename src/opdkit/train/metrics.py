@@ -52,6 +52,9 @@ METRICS: dict[str, MetricSpec] = {
     "reward_skew": _m("skewness of the sampled-token rewards (from moments summed over processes)"),
     "k1": _m("mean log pi_old - log q on the sampled token: a reverse-KL estimate"),
     "teacher_support_mass": _m("teacher probability mass on the support set"),
+    "support_size": _m("objective.support=teacher_topp: mean number of ids in a position's nucleus support"),
+    "support_size_capped_frac": _m("objective.support=teacher_topp: fraction of positions whose nucleus hit "
+                                   "objective.top_k (K_max) before reaching objective.support_top_p"),
     "student_support_mass": _m(
         "student (pi_old) probability mass on the support set, over the responses of the step's first mini-batch"
     ),

@@ -23,6 +23,7 @@ divides by ``global_count / world``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -30,7 +31,14 @@ from typing import Any
 
 import torch
 
-from opdkit.losses import aggregate, masked_mean, opd_diagnostics, special_token_mask, support_mass
+from opdkit.losses import (
+    aggregate,
+    masked_mean,
+    nucleus_support,
+    opd_diagnostics,
+    special_token_mask,
+    support_mass,
+)
 from opdkit.objectives import LossInputs
 from opdkit.rollout.seeding import trajectory_seed
 from opdkit.student import student_pass
@@ -182,6 +190,13 @@ def run_step(c, step: int, records: list, positions: list[int], *, keep_record: 
     signal: TeacherSignal = teacher.score(
         batch, student_support_ids_B_T_K=sp.topk_ids_B_T_K if c.objective.student_topk else None, messages=messages
     )
+    if c.objective.nucleus is not None:  # objective.support=teacher_topp: cut each position's nucleus
+        top_p, min_k = c.objective.nucleus
+        _, nucleus_lp = nucleus_support(signal.support_ids_B_T_K, signal.teacher_logprobs_B_T_K, top_p, min_k=min_k)
+        signal = dataclasses.replace(signal, teacher_logprobs_B_T_K=nucleus_lp)
+        sizes = torch.isfinite(nucleus_lp).sum(-1)[loss_mask.bool()].float()
+        metrics.mean("support_size", float(sizes.sum()), sizes.numel())
+        metrics.mean("support_size_capped_frac", float((sizes >= nucleus_lp.shape[-1]).sum()), sizes.numel())
     metrics.max("time_teacher_s", time.perf_counter() - t2)
     local_bad = not bool(
         torch.isfinite(signal.sampled_logprobs_B_T).all()

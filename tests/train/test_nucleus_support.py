@@ -1,0 +1,48 @@
+"""objective.support=teacher_topp in a training run: the nucleus is cut from the teacher's top-K after scoring,
+logged, and with support_top_p=1 it is the teacher's top-K itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from opdkit.config import load_config
+from opdkit.errors import ConfigError
+
+
+def _run(tmp_path, tiny_model_dirs, name, **extra):
+    from opdkit.train import Trainer
+    from opdkit.train.metrics import read_metrics
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a} + 2?", "answer": str(a + 2)}) + "\n" for a in range(4)))
+    cfg = load_config(None, {"model.path": str(tiny_model_dirs["qwen2"]), "teacher.path": str(tiny_model_dirs["llama"]),
+                             "data.train_path": str(data), "optim.prompts_per_step": 2, "rollout.n_samples": 2,
+                             "rollout.max_new_tokens": 6, "objective.top_k": 8, "optim.total_steps": 1,
+                             "run.tensorboard": False, "run.save_every": 0, "run.precision": "fp32", **extra})
+    Trainer(cfg, tmp_path / name, progress=False, log=lambda _m: None).run()
+    (row,) = read_metrics(tmp_path / name)
+    return row
+
+
+def test_a_nucleus_run_logs_its_sizes_and_p_one_is_top_k(tmp_path, tiny_model_dirs):
+    topk = _run(tmp_path, tiny_model_dirs, "topk")
+    full = _run(tmp_path, tiny_model_dirs, "p1", **{"objective.support": "teacher_topp",
+                                                    "objective.support_top_p": 1.0})
+    assert full["loss"] == pytest.approx(topk["loss"], rel=1e-6)  # the same rollouts, the same support
+    assert full["support_size"] == 8 and full["support_size_capped_frac"] == 1.0
+    # a random-weight teacher is flat (its top-8 hold ~4% of the mass): a nucleus of 2% takes ~4 ids
+    half = _run(tmp_path, tiny_model_dirs, "p05", **{"objective.support": "teacher_topp",
+                                                     "objective.support_top_p": 0.02, "objective.support_min_k": 2})
+    assert 2 <= half["support_size"] < 8 and half["support_size_capped_frac"] < 1.0
+    assert half["loss"] != pytest.approx(topk["loss"], rel=1e-3)
+    assert half["teacher_support_mass"] < topk["teacher_support_mass"]  # a smaller support holds less mass
+    assert "support_size" not in topk
+
+
+def test_nucleus_settings_are_refused_where_they_do_nothing():
+    with pytest.raises(ConfigError, match="objective.support_top_p.*acts only with objective.support=teacher_topp"):
+        load_config(None, {"objective.support_top_p": 0.8})
+    with pytest.raises(ConfigError, match=r"objective.support_min_k \(9\) must not exceed objective.top_k \(8\)"):
+        load_config(None, {"objective.support": "teacher_topp", "objective.top_k": 8, "objective.support_min_k": 9})
