@@ -594,7 +594,68 @@ example:
                    "episodes), success on held-out games before and after; writes agentic_summary.json")
     p.add_argument("--steps", type=int, default=None, help="--toy only: optimizer steps per objective")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "experiment",
+        help="reproduce one of the paper's claims on the demo task",
+        description="Run experiment NAME on the demo task: every arm distils the demo's student with the demo's "
+        "OPD config plus the arm's settings (same seed, prompts, samples and steps), and (most experiments) "
+        "measures each arm's gradient variance at the starting student; writes results.json, results.csv, "
+        "results.md and NAME.png under --out. The demo's models are built into the cache first if missing.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_experiments_help(),
+    )
+    p.add_argument("name", metavar="NAME", help="the experiment (below), or 'list'")
+    p.add_argument("--out", default=None, help="output directory (default runs/experiment-NAME)")
+    p.add_argument("--cache-dir", default=None, help="where the demo's models are cached (default ~/.cache/opdkit)")
+    p.add_argument("--steps", type=int, default=None, help="OPD steps per arm (default: the demo's 250)")
+    p.add_argument("--seed", type=int, default=0, help="run seed of every arm (default 0)")
+    p.add_argument("--probe-batches", type=int, default=8,
+                   help="rollout batches per arm for the gradient variance (default 8; 0 = skip it)")
+    p.add_argument("--arms", default=None, help="a comma-separated subset of the experiment's arms")
+    p.set_defaults(func=_cmd_experiment)
     return parser
+
+
+def _experiments_help() -> str:
+    from opdkit.experiments.arms import EXPERIMENTS
+
+    lines = ["experiments:"]
+    for e in EXPERIMENTS.values():
+        lines.append(f"  {e.name}: {e.title} ({len(e.arms)} arms: {', '.join(a.name for a in e.arms)})")
+        lines.append(f"    claim: {e.claim}")
+    return "\n".join(lines)
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from opdkit.experiments.arms import get_experiment
+    from opdkit.paths import check_output_dir
+
+    if args.name == "list":
+        print(_experiments_help())
+        return 0
+    exp = get_experiment(args.name)
+    if args.steps is not None and args.steps < 1:
+        raise OpdkitError(f"--steps: expected an integer >= 1, got {args.steps}")
+    if args.probe_batches < 0 or args.probe_batches == 1:
+        raise OpdkitError(f"--probe-batches: expected 0 (skip) or an integer >= 2, got {args.probe_batches}")
+    arms = None
+    if args.arms is not None:
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+        unknown = sorted(set(arms) - {a.name for a in exp.arms})
+        if unknown or not arms:
+            raise OpdkitError(f"--arms: {', '.join(unknown) or 'empty'}: not arms of {exp.name} (its arms: "
+                              f"{', '.join(a.name for a in exp.arms)})")
+    out = Path(args.out if args.out is not None else f"runs/experiment-{exp.name}").expanduser()
+    check_output_dir(out, "--out")
+    if args.cache_dir is not None:
+        check_output_dir(args.cache_dir, "--cache-dir")
+    from opdkit.experiments.runner import run_experiment
+
+    summary = run_experiment(exp.name, out, cache_dir=args.cache_dir, steps=args.steps, seed=args.seed,
+                             probe_batches=args.probe_batches, arms=arms)
+    print((out / "results.md").read_text(encoding="utf-8"), end="")
+    return 0 if summary["arms"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 from opdkit.config import Config, apply_overrides, config_from_dict, load_config
 from opdkit.errors import OpdkitError
 
-__all__ = ["ARMS", "DemoArm", "demo_config", "run_demo"]
+__all__ = ["ARMS", "DemoArm", "accuracy_evaluator", "demo_config", "run_demo", "train_prompts"]
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,10 @@ def _flatten(cfg: Config) -> dict[str, Any]:
 
 def _accuracy(model, tokenizer, problems, settings, seed: int) -> float:
     """The demo's accuracy protocol (``DemoSettings``' sampling) for any model: the trainer's evaluator."""
-    return _evaluator(problems, settings, seed).evaluate(model, tokenizer)["eval_accuracy"]
+    return accuracy_evaluator(problems, settings, seed).evaluate(model, tokenizer)["eval_accuracy"]
 
 
-def _evaluator(problems, settings, seed: int):
+def accuracy_evaluator(problems, settings, seed: int):
     """The demo's accuracy protocol (``DemoSettings``' sampling) as the trainer's evaluator."""
     from opdkit.demo.sampling import demo_evaluator
 
@@ -78,7 +78,7 @@ def _evaluator(problems, settings, seed: int):
                           temperature=settings.eval_temperature, seed=seed, batch_size=settings.eval_batch_size)
 
 
-def _train_prompts(n: int, seed: int):
+def train_prompts(n: int, seed: int):
     from opdkit.data import PromptRecord
     from opdkit.demo.task import chat_messages, make_problems
 
@@ -94,8 +94,8 @@ def _run_opd(arm: DemoArm, cfg: Config, models, eval_problems, run_dir: Path, lo
 
     t0 = time.perf_counter()
     trainer = Trainer(
-        cfg, run_dir, prompts=_train_prompts(n_prompts, cfg.run.seed), overwrite=True, progress=True,
-        evaluator=_evaluator(eval_problems, settings, cfg.run.seed),
+        cfg, run_dir, prompts=train_prompts(n_prompts, cfg.run.seed), overwrite=True, progress=True,
+        evaluator=accuracy_evaluator(eval_problems, settings, cfg.run.seed),
     )
     result = trainer.run()
     seconds = time.perf_counter() - t0

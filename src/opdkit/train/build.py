@@ -81,6 +81,9 @@ class Components:
     env_pool: Any = None  # opdkit.envs.pool.EnvPool when the training data holds environments
     env_template: Any = None  # opdkit.envs.base.PromptTemplate of the episodes
     episode_settings: Any = None  # opdkit.envs.episodes.EpisodeSettings
+    # Called with the trainable parameters after each mini-batch's backward, before clipping (a measurement
+    # hook: opdkit.experiments reads each batch's gradient there, and clears it so that nothing is updated).
+    grad_probe: Any = None
 
 
 def _pi_old_from_sampler(cfg: Config, precision: Precision, objective) -> bool:

@@ -317,6 +317,8 @@ def _update(c, plan: StepPlan, batch, sp: StudentPass, signal, loss_mask, metric
             total += float(loss.detach())
             if weight and start == plan.minis[0][0]:  # the first mini-batch: still π_old's weights
                 support_parts.append(None if support_lp is None else support_lp.detach())
+        if c.grad_probe is not None:
+            c.grad_probe(params)
         norm = float(acc.clip_grad_norm_(params, max_norm))
         if math.isfinite(norm):
             c.optimizer.step()

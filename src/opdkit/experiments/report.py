@@ -1,0 +1,156 @@
+"""An experiment's files: ``results.csv`` (one row per arm), ``results.md`` (the claim and the table) and
+``NAME.png`` (accuracy curves; the experiment's axis or its training metrics)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+from opdkit.experiments.arms import Experiment
+
+__all__ = ["CSV_COLUMNS", "accuracy_interval", "write_report"]
+
+CSV_COLUMNS = ("arm", "label", "teacher", "x", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "gap_closed",
+               "grad_variance", "grad_mean_sq", "noise_to_signal", "loss", "grad_norm", "negative_reward_frac",
+               "reward_skew", "teacher_support_mass", "support_size", "response_length", "truncation_rate",
+               "skipped_steps", "seconds")
+
+
+def accuracy_interval(acc: float, n: int) -> tuple[float, float]:
+    """95% Wilson interval of an accuracy measured on ``n`` problems."""
+    if n <= 0:
+        return math.nan, math.nan
+    z = 1.959964
+    centre = (acc + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    n = summary["eval_problems"]
+    before, teacher = summary["student_accuracy_before"], summary["teacher_accuracy"]
+    gap = teacher - before
+    rows = []
+    for name, r in summary["arms"].items():
+        lo, hi = accuracy_interval(r["accuracy"], n)
+        row = {"arm": name, "accuracy_ci_low": lo, "accuracy_ci_high": hi,
+               "gap_closed": (r["accuracy"] - before) / gap if gap > 0 else math.nan}
+        for c in CSV_COLUMNS:
+            row.setdefault(c, r.get(c))
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{100 * v:.1f}%" if pct else f"{v:.3g}"
+    return str(v)
+
+
+def write_report(exp: Experiment, summary: dict[str, Any], out: Path) -> None:
+    rows = _rows(summary)
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for r in rows:
+            w.writerow(["" if r[c] is None else r[c] for c in CSV_COLUMNS])
+    lines = [
+        f"# Experiment `{exp.name}`: {exp.title}",
+        "",
+        f"Claim: {exp.claim}.",
+        "",
+        f"The demo task, seed {summary['seed']}, {summary['steps'] or 'the demo config'} OPD steps per arm "
+        f"(same prompts, samples and seeds); accuracy on {summary['eval_problems']} held-out problems "
+        f"(one sample each, τ 1, top-p 0.9) with a 95% Wilson interval. Teacher "
+        f"{_fmt(summary['teacher_accuracy'], True)}, student before OPD "
+        f"{_fmt(summary['student_accuracy_before'], True)}"
+        + (f"; the end-swapped teacher {_fmt(summary['eos_swapped_teacher_accuracy'], True)}"
+           if "eos_swapped_teacher_accuracy" in summary else "") + ".",
+        "",
+    ]
+    probe = any(r.get("grad_variance") is not None for r in rows)
+    if probe:
+        lines += ["Gradient variance: the trace of the covariance of one rollout batch's gradient at the starting "
+                  "student (independent batches, no update); noise/signal = that variance / ‖E g‖².", ""]
+    head = ["arm", "accuracy", "95% CI", "gap closed"]
+    head += ["grad variance", "noise/signal"] if probe else []
+    head += ["neg. reward frac", "response length", "truncated", "seconds"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ci = f"{_fmt(r['accuracy_ci_low'], True)}–{_fmt(r['accuracy_ci_high'], True)}"
+        cells = [f"{r['arm']} ({r['label']})", _fmt(r["accuracy"], True), ci, _fmt(r["gap_closed"], True)]
+        cells += [_fmt(r["grad_variance"]), _fmt(r["noise_to_signal"])] if probe else []
+        cells += [_fmt(r["negative_reward_frac"], True), _fmt(r["response_length"]), _fmt(r["truncation_rate"], True),
+                  _fmt(r["seconds"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _plot(exp, summary, out / f"{exp.name}.png")
+
+
+def _plot(exp: Experiment, summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = summary["arms"]
+    fig, (ax_acc, ax_b) = plt.subplots(1, 2, figsize=(12, 4.4))
+    for name, r in arms.items():
+        steps = [0] + [s for s, _ in r["curve"]]
+        ax_acc.plot(steps, [summary["student_accuracy_before"]] + [a for _, a in r["curve"]], marker=".", label=name)
+    ax_acc.axhline(summary["teacher_accuracy"], color="k", ls="--", lw=1, label="teacher")
+    ax_acc.set_xlabel("training step")
+    ax_acc.set_ylabel("held-out accuracy")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.set_title(exp.title)
+    ax_acc.legend(fontsize=7)
+    ax_acc.grid(alpha=0.3)
+    on_axis = [(r["x"], r) for r in arms.values() if r.get("x") is not None]
+    if exp.axis and on_axis:  # accuracy and gradient variance against K
+        xs = [x for x, _ in on_axis]
+        ax_b.plot(xs, [r["accuracy"] for _, r in on_axis], marker="o", label="accuracy")
+        ax_b.set_xscale("log", base=2)
+        ax_b.set_xlabel(exp.axis)
+        ax_b.set_ylabel("held-out accuracy")
+        for name, r in arms.items():
+            if r.get("x") is None:
+                ax_b.axhline(r["accuracy"], ls=":", lw=1, color="grey")
+                ax_b.annotate(name, (xs[0], r["accuracy"]), fontsize=7)
+        var = [(x, r["grad_variance"]) for x, r in on_axis if (r.get("grad_variance") or 0) > 0]
+        if var:  # (K = 1 has none: a KL over one token is 0)
+            tw = ax_b.twinx()
+            tw.plot([x for x, _ in var], [v for _, v in var], color="tab:red", marker="s", label="grad variance")
+            tw.set_yscale("log")
+            tw.set_ylabel("batch gradient variance", color="tab:red")
+        ax_b.set_title(f"against {exp.axis}")
+    elif exp.name == "reward_imbalance" or not exp.probe:  # training metrics over steps
+        for name, r in arms.items():
+            for key, ls in (("negative_reward_frac", "-"), ("truncation_rate", ":")):
+                curve = r.get(f"{key}_curve")
+                if curve:
+                    ax_b.plot([s for s, _ in curve], [v for _, v in curve], ls=ls, label=f"{name}: {key}")
+        ax_b.set_xlabel("training step")
+        ax_b.set_ylabel("fraction")
+        ax_b.set_ylim(0, 1)
+        ax_b.set_title("negative rewards (solid) and truncated responses (dotted)")
+    else:  # accuracy and gradient variance per arm
+        names = list(arms)
+        ax_b.bar(range(len(names)), [arms[n]["accuracy"] for n in names], color="tab:blue", alpha=0.7)
+        ax_b.set_xticks(range(len(names)))
+        ax_b.set_xticklabels(names, rotation=20, fontsize=7)
+        ax_b.set_ylabel("held-out accuracy")
+        var = [(i, arms[n]["grad_variance"]) for i, n in enumerate(names) if (arms[n].get("grad_variance") or 0) > 0]
+        if var:
+            tw = ax_b.twinx()
+            tw.plot([i for i, _ in var], [v for _, v in var], color="tab:red", marker="s")
+            tw.set_yscale("log")
+            tw.set_ylabel("batch gradient variance", color="tab:red")
+        ax_b.set_title("accuracy (bars) and gradient variance (red)")
+    ax_b.legend(fontsize=7) if ax_b.get_legend_handles_labels()[0] else None
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,204 @@
+"""Run an experiment (``opdkit.experiments.arms``) on the demo task: every arm's OPD run, its accuracy curve and
+training metrics, and (``probe``) its gradient variance at the starting student; then the report.
+
+The gradient probe: a short run of the arm's own config whose every step computes one rollout batch's gradient
+and clears it before the optimizer sees it (``Components.grad_probe``), so the weights never move; the batches
+are independent (new prompts, new seeds). From ``B`` batch gradients ``g_b`` (all trainable parameters):
+``grad_variance = Σ_b ‖g_b − ḡ‖² / (B − 1)`` (the trace of a batch gradient's covariance), ``grad_mean_sq =
+‖ḡ‖² − grad_variance / B`` (an unbiased estimate of ``‖E g‖²``), and their ratio ``noise_to_signal``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opdkit.errors import OpdkitError
+from opdkit.experiments.arms import Arm, Experiment, get_experiment
+
+__all__ = ["EOS_SWAPPED", "eos_swapped_teacher", "run_experiment"]
+
+EOS_SWAPPED = ("<|im_end|>", "<|endoftext|>")
+MARKER = ".opdkit-experiment"  # an experiment's output folder: reusable by the next run of one
+_MEANS = ("loss", "grad_norm", "negative_reward_frac", "reward_skew", "teacher_support_mass", "student_support_mass",
+          "support_size", "response_length", "truncation_rate")
+
+
+def eos_swapped_teacher(teacher_dir: str | Path, out_dir: str | Path) -> Path:
+    """A copy of the teacher whose output rows of ``<|im_end|>`` and ``<|endoftext|>`` are swapped: it predicts
+    ``<|endoftext|>`` where it would end its turn, and reads its input as before (untied embeddings only)."""
+    from opdkit.hf import load_causal_lm, load_tokenizer
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    tok = load_tokenizer(teacher_dir)
+    ids = [tok.convert_tokens_to_ids(t) for t in EOS_SWAPPED]
+    if any(i is None or i == tok.unk_token_id for i in ids):
+        raise OpdkitError(f"the teacher's tokenizer lacks one of {EOS_SWAPPED}")
+    model = load_causal_lm(teacher_dir)
+    head = model.get_output_embeddings().weight
+    if head.data_ptr() == model.get_input_embeddings().weight.data_ptr():
+        raise OpdkitError("the teacher ties its input and output embeddings: its output rows cannot be swapped alone")
+    with torch.no_grad():
+        a, b = ids
+        head[[a, b]] = head[[b, a]].clone()
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.replace(out)
+    return out
+
+
+class _Probe:
+    """Collects each batch's gradient (flattened, float64) and clears it, so that no weight moves."""
+
+    def __init__(self):
+        self.grads: list[torch.Tensor] = []
+
+    def __call__(self, params: Sequence[torch.Tensor]) -> None:
+        self.grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().double()
+                                     .reshape(-1) for p in params]))
+        for p in params:
+            p.grad = None
+
+    def stats(self) -> dict[str, float]:
+        G = torch.stack(self.grads)
+        B = G.shape[0]
+        mean = G.mean(0)
+        var = float((G - mean).square().sum() / (B - 1))
+        signal = float(mean.square().sum()) - var / B
+        return {"grad_variance": var, "grad_mean_sq": signal,
+                "noise_to_signal": var / signal if signal > 0 else math.inf, "probe_batches": B}
+
+
+def _config(arm: Arm, student_dir, teacher_dir, steps: int | None, seed: int, extra: dict):
+    from opdkit.demo.run import demo_config
+
+    over = {"model.path": str(student_dir), "teacher.path": str(teacher_dir), "run.seed": seed, **extra}
+    if steps is not None:
+        over["optim.total_steps"] = steps
+        over["eval.every_steps"] = max(1, steps // 5)
+        over["run.save_every"] = 0
+    return demo_config({**over, **arm.overrides})
+
+
+def _run_arm(arm: Arm, cfg, models, eval_problems, run_dir: Path, log) -> dict[str, Any]:
+    from opdkit.demo.run import accuracy_evaluator, train_prompts
+    from opdkit.train import Trainer
+    from opdkit.train.metrics import read_metrics
+
+    t0 = time.perf_counter()
+    n = cfg.optim.total_steps * cfg.optim.prompts_per_step
+    trainer = Trainer(cfg, run_dir, prompts=train_prompts(n, cfg.run.seed), overwrite=True, progress=False,
+                      evaluator=accuracy_evaluator(eval_problems, models.settings, cfg.run.seed), log=lambda _m: None)
+    trainer.run()
+    rows = read_metrics(run_dir)
+    curve = [(r["step"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
+    out: dict[str, Any] = {"accuracy": curve[-1][1], "curve": curve, "seconds": time.perf_counter() - t0,
+                           "steps": len(rows), "run_dir": str(run_dir)}
+    for key in _MEANS:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if values:
+            out[key] = sum(values) / len(values)
+            out[f"{key}_curve"] = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    out["skipped_steps"] = rows[-1].get("skipped_steps", 0)
+    log(f"experiment: {arm.name}: accuracy {out['accuracy']:.1%} ({out['seconds']:.0f} s)")
+    return out
+
+
+def _probe_arm(arm: Arm, cfg, run_dir: Path, batches: int) -> dict[str, float]:
+    from opdkit.config import load_config
+    from opdkit.demo.run import _flatten, train_prompts
+    from opdkit.train import Trainer
+
+    pcfg = load_config(None, {**_flatten(cfg), "optim.total_steps": batches, "eval.every_steps": 0,
+                              "run.save_every": 0, "run.seed": cfg.run.seed + 7919})
+    probe = _Probe()
+    trainer = Trainer(pcfg, run_dir, prompts=train_prompts(batches * pcfg.optim.prompts_per_step, pcfg.run.seed),
+                      overwrite=True, progress=False, log=lambda _m: None)
+    trainer.c.grad_probe = probe
+    trainer.run()
+    return probe.stats()
+
+
+def run_experiment(
+    name: str,
+    out_dir: str | Path,
+    *,
+    models=None,
+    cache_dir: str | Path | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    probe_batches: int = 8,
+    arms: Sequence[str] | None = None,
+    extra: dict[str, Any] | None = None,
+    eval_problems: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run experiment ``name``; write ``results.json``, ``results.csv``, ``results.md`` and ``NAME.png`` under
+    ``out_dir``; return the results.
+
+    ``models``: a :class:`~opdkit.demo.cache.DemoModels` (default: the demo's, built into ``cache_dir`` if
+    missing); ``steps``: OPD steps per arm (default: the demo's); ``arms``: a subset of the arms' names;
+    ``extra``: further overrides for every arm (e.g. a toy budget); ``eval_problems``: fewer eval problems.
+    """
+    from opdkit.demo.models import load_demo_model, load_demo_tokenizer
+    from opdkit.demo.run import _accuracy
+    from opdkit.demo.task import make_problems
+    from opdkit.experiments.report import write_report
+
+    exp: Experiment = get_experiment(name)
+    chosen = list(exp.arms) if arms is None else [a for a in exp.arms if a.name in set(arms)]
+    if arms is not None and len(chosen) != len(set(arms)):
+        unknown = sorted(set(arms) - {a.name for a in exp.arms})
+        raise OpdkitError(f"arms: {unknown} not in {name} ({', '.join(a.name for a in exp.arms)})")
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise OpdkitError(f"--out '{out}': a folder that holds other files; give a new or empty folder (or an "
+                          "earlier experiment's)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(f"created by opdkit experiment {name}\n", encoding="utf-8")
+    t0 = time.perf_counter()
+    if models is None:
+        from opdkit.demo.cache import prepare_demo_models
+
+        models = prepare_demo_models(cache_dir, log=log)
+    settings = models.settings
+    problems = make_problems(eval_problems or settings.eval_problems, seed, "eval")
+    tok = load_demo_tokenizer(models.tokenizer_dir)
+    teacher_acc = _accuracy(load_demo_model(models.teacher_dir), tok, problems, settings, seed)
+    student_acc = _accuracy(load_demo_model(models.student_dir), tok, problems, settings, seed)
+    log(f"experiment {name}: teacher {teacher_acc:.1%}, student before {student_acc:.1%}, {len(chosen)} arms")
+    teachers = {"demo": models.teacher_dir}
+    if any(a.teacher == "eos_swapped" for a in chosen):
+        teachers["eos_swapped"] = eos_swapped_teacher(models.teacher_dir, out / "teacher_eos_swapped")
+        swapped_acc = _accuracy(load_demo_model(teachers["eos_swapped"]), tok, problems, settings, seed)
+        log(f"experiment {name}: the end-swapped teacher's own accuracy {swapped_acc:.1%}")
+    results: dict[str, Any] = {}
+    for arm in chosen:
+        cfg = _config(arm, models.student_dir, teachers[arm.teacher], steps, seed, dict(extra or {}))
+        r = _run_arm(arm, cfg, models, problems, out / "runs" / _safe(arm.name), log)
+        if exp.probe and probe_batches >= 2:
+            r.update(_probe_arm(arm, cfg, out / "probes" / _safe(arm.name), probe_batches))
+        r.update(label=arm.label, x=arm.x, teacher=arm.teacher)
+        results[arm.name] = r
+    summary = {"experiment": name, "title": exp.title, "claim": exp.claim, "teacher_accuracy": teacher_acc,
+               "student_accuracy_before": student_acc, "eval_problems": len(problems), "seed": seed,
+               "steps": steps, "seconds": time.perf_counter() - t0, "arms": results}
+    if "eos_swapped" in teachers:
+        summary["eos_swapped_teacher_accuracy"] = swapped_acc
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_report(exp, summary, out)
+    log(f"experiment {name}: wrote {out / 'results.md'} ({summary['seconds']:.0f} s)")
+    return summary
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
