@@ -67,7 +67,8 @@ def test_every_config_field_is_read_or_refused(tmp_path, tiny_model_dirs, reads)
          "objective.drop_special_from_support=true", "rollout.stop=['!']", "rollout.stop_ids=[5]",
          "run.save_every=1", "run.keep_last=1", "run.log_every=1"],
         ["objective.kind=sampled_token", "optim.mini_batches=2", "objective.reward_clip=2.0",
-         "optim.schedule=cosine", "optim.warmup_steps=1", "optim.grad_clip=null"],
+         "optim.schedule=cosine", "optim.warmup_steps=1", "optim.grad_clip=null", "rollout.top_p=0.9",
+         "objective.topp_correction=sequence", "objective.topp_correction_clip=0.5"],
         ["objective.kind=full_reverse_kl", "run.overwrite=true"],
         # multi-task: a math task and a text-game task, each with its own teacher, drawn by weight
         [f"data.train_path=[math={train},{games}]", "data.task_sampling=weighted", "data.task_weights=[math=1,toy=3]",

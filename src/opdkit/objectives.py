@@ -37,6 +37,7 @@ from opdkit.losses import (
     sampled_token_advantages,
     support_kl,
     support_kl_from_hidden,
+    topp_correction_weights,
 )
 from opdkit.modeling import OutputHead
 from opdkit.student import map_positions, scatter_positions
@@ -84,6 +85,7 @@ class LossInputs:
     support_ids_B_T_K: torch.Tensor
     teacher_logprobs_B_T_K: torch.Tensor
     teacher_sampled_logprobs_B_T: torch.Tensor
+    sampling_logprobs_B_T: torch.Tensor | None = None  # log-prob under the (top-p) distribution sampled from
 
 
 class Objective:
@@ -250,9 +252,11 @@ class SampledToken(Objective):
         super().__init__(temperature=temperature, chunk_size=chunk_size)
         self.request = TeacherRequest("teacher_topk", cfg.top_k)
         self.gamma, self.clip, self.ppo_clip_eps = cfg.gamma, cfg.reward_clip, cfg.ppo_clip_eps
+        self.correction, self.correction_clip = cfg.topp_correction, cfg.topp_correction_clip
 
     def describe(self, head):
-        return f"sampled_token: log π(y_t) from chunked dense logits, γ = {self.gamma:g}"
+        extra = "" if self.correction == "none" else f", top-p {self.correction} importance weights"
+        return f"sampled_token: log π(y_t) from chunked dense logits, γ = {self.gamma:g}{extra}"
 
     def per_token(self, head, hidden_B_T_H, x, *, ppo):
         idx, h_N_H, BT = self._positions(hidden_B_T_H, x.loss_mask_B_T)
@@ -274,6 +278,9 @@ class SampledToken(Objective):
         per = policy_gradient_loss(
             logprobs_B_T, x.old_logprobs_B_T, adv, x.loss_mask_B_T, clip_eps=self.ppo_clip_eps if ppo else None
         )
+        if self.correction != "none":
+            per = per * topp_correction_weights(x.old_logprobs_B_T, x.sampling_logprobs_B_T, x.loss_mask_B_T,
+                                                mode=self.correction, clip=self.correction_clip).to(per.dtype)
         return per, scatter_positions(support_N_K, idx, (*BT, K), fill=float("-inf"))
 
 

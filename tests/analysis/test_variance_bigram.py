@@ -178,3 +178,41 @@ def test_ratio_slope_reads_a_power_law():
     ratios = {T: {"mc": 3.0 * T**2} for T in (2, 4, 8, 16, 32, 64)}
     assert abs(ratio_slope(ratios) - 2.0) < 1e-12
     assert math.isnan(ratio_slope({8: {"mc": 5.0}}))
+
+
+def test_top_p_rollouts_and_their_corrections_against_enumeration():
+    import dataclasses
+
+    problem = dataclasses.replace(make_problem(3, 3, seed=21), top_p=0.7)
+    probs = problem.rollout_probs()
+    full = torch.softmax(problem.student_logits_P_V, -1)
+    kept = probs > 0
+    assert bool((kept.sum(-1) < 3).any())  # the nucleus drops tokens
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[0], dtype=torch.float64))
+    # every kept token keeps its relative probability
+    Z = (full * kept).sum(-1, keepdim=True)
+    torch.testing.assert_close(torch.where(kept, full / Z, torch.zeros_like(full)), probs)
+    # sampling follows the truncated rows: no dropped token is ever drawn
+    seqs = sample_sequences(problem, 4000, torch.Generator().manual_seed(0))
+    rows = problem.rows(seqs)
+    assert bool(kept[rows, seqs].all())
+    # the sequence-weighted estimator's mean is the untruncated estimator's mean over the nucleus sequences
+    seq_spec = EstimatorSpec("sampled_token", gamma=1.0, correction="sequence")
+    mean_seq, _ = exact_moments(problem, seq_spec)
+    untruncated = dataclasses.replace(problem, top_p=1.0)
+    en = Enumeration.of(untruncated)
+    inside = kept[en.rows_S_T, en.seqs_S_T].all(-1)
+    r, g = per_sample_gradients(untruncated, en.seqs_S_T, EstimatorSpec("sampled_token", gamma=1.0))
+    want = torch.zeros_like(mean_seq)
+    w = (en.prob_S * inside)[:, None, None] * g
+    want.index_add_(0, r.reshape(-1), w.reshape(-1, 3))
+    torch.testing.assert_close(mean_seq, want, rtol=1e-9, atol=1e-12)
+    # Monte Carlo agrees with the exact moments for each correction
+    for correction in (None, "token", "sequence"):
+        spec = EstimatorSpec("sampled_token", gamma=0.0, correction=correction)
+        stats = estimate(problem, spec, seqs, 100, bootstrap_seed=1)
+        _, var = exact_moments(problem, spec)
+        lo, hi = stats.variance_ci
+        assert lo <= var <= hi, (correction, lo, var, hi)
+    with pytest.raises(Exception, match="support_kl: set K and renormalize only"):
+        EstimatorSpec("support_kl", K=2, renormalize=True, correction="token")

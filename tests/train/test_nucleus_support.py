@@ -46,3 +46,21 @@ def test_nucleus_settings_are_refused_where_they_do_nothing():
         load_config(None, {"objective.support_top_p": 0.8})
     with pytest.raises(ConfigError, match=r"objective.support_min_k \(9\) must not exceed objective.top_k \(8\)"):
         load_config(None, {"objective.support": "teacher_topp", "objective.top_k": 8, "objective.support_min_k": 9})
+
+
+def test_topp_correction_acts_in_a_sampled_token_run_and_is_refused_without_truncation(tmp_path, tiny_model_dirs):
+    base = {"objective.kind": "sampled_token", "rollout.top_p": 0.5}
+    plain = _run(tmp_path, tiny_model_dirs, "none", **base)
+    token = _run(tmp_path, tiny_model_dirs, "token", **base, **{"objective.topp_correction": "token"})
+    seq = _run(tmp_path, tiny_model_dirs, "seq", **base, **{"objective.topp_correction": "sequence",
+                                                            "objective.topp_correction_clip": 0.5})
+    # the same rollouts (same seeds), weights Z_t <= 1: the weighted losses differ from the plain one
+    assert plain["response_length"] == token["response_length"] == seq["response_length"]
+    assert token["loss"] != pytest.approx(plain["loss"], rel=1e-4)
+    assert seq["loss"] != pytest.approx(plain["loss"], rel=1e-4)
+    with pytest.raises(ConfigError, match="objective.topp_correction.*rollout.top_p < 1"):
+        load_config(None, {"objective.kind": "sampled_token", "rollout.top_p": 1.0,
+                           "objective.topp_correction": "token"})
+    with pytest.raises(ConfigError, match="topp_correction_clip.*acts only with objective.topp_correction=sequence"):
+        load_config(None, {"objective.kind": "sampled_token", "rollout.top_p": 0.9,
+                           "objective.topp_correction_clip": 0.5})

@@ -37,6 +37,7 @@ from opdkit.losses import (
     sampled_token_advantages,
     support_kl,
     teacher_topk_support,
+    topp_correction_weights,
 )
 
 __all__ = [
@@ -66,27 +67,44 @@ class EstimatorSpec:
     gamma: float | None = None
     K: int | None = None
     renormalize: bool | None = None
+    # sampled_token under top-p rollouts: None (the paper: no correction), "token" or "sequence" importance
+    # weights (opdkit.losses.topp_correction_weights)
+    correction: str | None = None
 
     def __post_init__(self) -> None:
+        if self.correction not in (None, "token", "sequence"):
+            raise InputError(f"correction: expected None, 'token' or 'sequence', got {self.correction!r}")
         if self.estimator == "sampled_token":
             if self.gamma is None or self.K is not None or self.renormalize is not None:
                 raise InputError("sampled_token: set gamma only")
         elif self.estimator == "support_kl":
-            if self.gamma is not None or self.K is None or self.renormalize is None:
+            if self.gamma is not None or self.K is None or self.renormalize is None or self.correction is not None:
                 raise InputError("support_kl: set K and renormalize only")
         else:
             raise InputError(f"estimator: expected 'sampled_token' or 'support_kl', got {self.estimator!r}")
 
     @property
+    def name(self) -> str:
+        """The ``estimator`` column of the results: ``sampled_token``, ``sampled_token_token_is``,
+        ``sampled_token_sequence_is`` or ``support_kl``."""
+        return self.estimator if self.correction is None else f"{self.estimator}_{self.correction}_is"
+
+    @property
     def label(self) -> str:
         if self.estimator == "sampled_token":
-            return f"sampled_token(gamma={self.gamma:g})"
+            extra = "" if self.correction is None else f", {self.correction} IS"
+            return f"sampled_token(gamma={self.gamma:g}{extra})"
         return f"support_kl(K={self.K}, {'renorm' if self.renormalize else 'raw'})"
 
 
-def default_specs(V: int, gammas: Sequence[float], Ks: Sequence[int]) -> list[EstimatorSpec]:
-    """Sampled-token for each γ, then support-KL for each K ≤ V (V always included), renormalised or not."""
+def default_specs(V: int, gammas: Sequence[float], Ks: Sequence[int], *, corrections: bool = False
+                  ) -> list[EstimatorSpec]:
+    """Sampled-token for each γ (``corrections``: also with token and sequence importance weights), then
+    support-KL for each K ≤ V (V always included), renormalised or not."""
     specs = [EstimatorSpec("sampled_token", gamma=float(g)) for g in gammas]
+    if corrections:
+        specs += [EstimatorSpec("sampled_token", gamma=float(g), correction=c) for c in ("token", "sequence")
+                  for g in gammas]
     ks = sorted({int(k) for k in Ks if 1 <= int(k) <= V} | {V})
     for k in ks:
         for renorm in (True, False):
@@ -114,6 +132,9 @@ def per_sample_gradients(
         lq = torch.log_softmax(teacher_N_T_V, dim=-1).gather(-1, seqs_N_T.unsqueeze(-1)).squeeze(-1)
         adv = sampled_token_advantages(lq, lp.detach(), mask, gamma=spec.gamma)
         per_token = policy_gradient_loss(lp, lp.detach(), adv, mask)
+        if spec.correction is not None:
+            sampling_lp = problem.rollout_probs()[rows].gather(-1, seqs_N_T.unsqueeze(-1)).squeeze(-1).log()
+            per_token = per_token * topp_correction_weights(lp.detach(), sampling_lp, mask, mode=spec.correction)
     else:
         support_ids, teacher_lp = teacher_topk_support(teacher_N_T_V, spec.K)
         per_token = support_kl(logits_N_T_V, support_ids, teacher_lp, mask, renormalize=spec.renormalize)
@@ -258,8 +279,8 @@ def bigram_exact_mean(problem: ToyProblem, spec: EstimatorSpec) -> torch.Tensor 
     the expected number of positions with context r (``bigram_row_visits``). Other γ couple positions
     and are left to Monte Carlo.
     """
-    if problem.structure != "bigram":
-        return None
+    if problem.structure != "bigram" or problem.top_p < 1.0 or spec.correction is not None:
+        return None  # the marginals below are the untruncated student's
     if spec.estimator == "sampled_token" and spec.gamma == 1.0:
         return exact_kl_gradient(problem)
     if spec.estimator == "sampled_token" and spec.gamma != 0.0:

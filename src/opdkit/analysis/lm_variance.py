@@ -223,7 +223,7 @@ def run_lm_variance(
             variance = float(gv.mean())
             lo, hi = _bootstrap_ci(gv, int(seed) * 7919 + 131 * T + i)
             results.append({
-                "estimator": spec.estimator, "T": T, "gamma": spec.gamma, "K": spec.K,
+                "estimator": spec.name, "T": T, "gamma": spec.gamma, "K": spec.K,
                 "renormalize": spec.renormalize,
                 "bias_rel": float((mom.mean - ref_mean).norm()) / ref_norm,
                 "variance": variance, "variance_ci_low": lo, "variance_ci_high": hi,

@@ -84,8 +84,13 @@ class ToyProblem:
     # "prefix": one row per prefix (tabular, P = Σ_{t<T} V^t, the rows of one trajectory are distinct);
     # "bigram": one row per previous token plus a start row (P = V + 1, shared across positions, any T).
     structure: str = "prefix"
+    # Rollouts come from the student truncated to each row's nucleus of mass top_p (1.0: untruncated); the
+    # objective J stays the untruncated student's KL (METHOD.md, "Top-p rollout mismatch").
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise InputError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
         if self.structure not in ("prefix", "bigram"):
             raise InputError(f"structure: expected 'prefix' or 'bigram', got {self.structure!r}")
         P = num_rows(self.V, self.T, self.structure)
@@ -105,6 +110,19 @@ class ToyProblem:
     @property
     def enumerable(self) -> bool:
         return self.V**self.T <= MAX_ENUMERATED
+
+    def rollout_probs(self) -> torch.Tensor:
+        """``[P, V]`` the distribution rollouts are drawn from: each row's softmax, truncated to its nucleus
+        (the fewest most likely tokens whose mass reaches ``top_p``; ties by token id) and renormalised."""
+        probs = torch.softmax(self.student_logits_P_V.detach(), dim=-1)
+        if self.top_p >= 1.0:
+            return probs
+        order = torch.sort(probs, dim=-1, descending=True, stable=True).indices
+        sorted_p = probs.gather(-1, order)
+        keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < self.top_p
+        keep = torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)
+        kept = torch.where(keep, probs, torch.zeros_like(probs))
+        return kept / kept.sum(-1, keepdim=True)
 
     def rows(self, seqs_N_T: torch.Tensor) -> torch.Tensor:
         """``[N, T]`` table row of each position's context."""
@@ -249,11 +267,12 @@ def bigram_rows(V: int, seqs_N_T: torch.Tensor) -> torch.Tensor:
 
 
 def sample_sequences(problem: ToyProblem, n: int, generator: torch.Generator) -> torch.Tensor:
-    """``[n, T]`` responses sampled from the student (τ = 1, no truncation), by inverse CDF."""
+    """``[n, T]`` responses sampled from the student (τ = 1; truncated to each row's nucleus when
+    ``problem.top_p < 1``), by inverse CDF."""
     seqs = torch.empty(n, problem.T, dtype=torch.long)
     V = problem.V
+    probs_P_V = problem.rollout_probs()
     if problem.structure == "bigram":
-        probs_P_V = torch.softmax(problem.student_logits_P_V.detach(), dim=-1)
         cdf_P_V = probs_P_V.cumsum(-1)
         row = torch.full((n,), V, dtype=torch.long)
         for t in range(problem.T):
@@ -265,7 +284,7 @@ def sample_sequences(problem: ToyProblem, n: int, generator: torch.Generator) ->
     code = torch.zeros(n, dtype=torch.long)
     offset = 0
     for t in range(problem.T):
-        probs_N_V = torch.softmax(problem.student_logits_P_V[offset + code], dim=-1)
+        probs_N_V = probs_P_V[offset + code]
         u = torch.rand(n, 1, generator=generator, dtype=torch.float64)
         y = (probs_N_V.cumsum(-1) < u).sum(-1).clamp(max=V - 1)
         seqs[:, t] = y
@@ -339,7 +358,7 @@ def exact_kl_gradient(problem: ToyProblem) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Enumeration:
-    """Every sequence, its context rows and its probability under the student."""
+    """Every sequence, its context rows and its probability under the rollout distribution."""
 
     seqs_S_T: torch.Tensor
     rows_S_T: torch.Tensor
@@ -349,5 +368,6 @@ class Enumeration:
     def of(problem: ToyProblem) -> Enumeration:
         seqs = enumerate_sequences(problem.V, problem.T)
         rows = problem.rows(seqs)
-        prob = _token_logprobs(problem.student_logits_P_V.detach(), rows, seqs).sum(-1).exp()
+        probs_P_V = problem.rollout_probs()  # what the rollouts are drawn from (truncated if top_p < 1)
+        prob = probs_P_V[rows].gather(-1, seqs.unsqueeze(-1)).squeeze(-1).prod(-1)
         return Enumeration(seqs, rows, prob)

@@ -70,6 +70,10 @@ def add_variance_arguments(p: argparse.ArgumentParser) -> None:
         help=f"trajectories per group (default: the problem's; bigram 100, tabular {DEFAULT_SAMPLES_PER_ESTIMATE}, "
         f"demo/lm {LM_SAMPLES_PER_ESTIMATE})",
     )
+    p.add_argument("--rollout-top-p", type=float, default=1.0,
+                   help="toy problems: draw rollouts from the student truncated to each row's nucleus of this "
+                   "mass, and add the sampled-token estimators with token and sequence importance corrections "
+                   "(default 1.0: untruncated, as in the paper's analysis)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--no-plot", action="store_true", help="skip variance.png")
     g = p.add_argument_group("language models (--problem demo or lm)")
@@ -121,6 +125,7 @@ def _toy(args: argparse.Namespace) -> list[dict]:
         plot=not args.no_plot,
         verbose=True,
         problem=args.problem,
+        top_p=args.rollout_top_p,
     )
 
 
@@ -134,6 +139,8 @@ def run_lm_experiment(args: argparse.Namespace) -> list[dict]:
 
     if args.vocab is not None:
         raise InputError("--vocab: the models' vocabulary is what it is; drop it with --problem demo or lm")
+    if args.rollout_top_p != 1.0:
+        raise InputError("--rollout-top-p: only on the toy problems (bigram, tabular, imbalanced)")
     if args.problem == "demo":
         if args.student or args.teacher:
             raise InputError("--student/--teacher: --problem demo uses the demo's models; use --problem lm for yours")

@@ -21,6 +21,7 @@ trajectories; the same trajectories serve every setting of one T, i.e. common ra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -74,6 +75,7 @@ def run_variance_experiment(
     plot: bool = True,
     verbose: bool = False,
     problem: str = DEFAULT_PROBLEM,
+    top_p: float = 1.0,
 ) -> list[dict]:
     """Run the experiment; write ``variance.csv``, ``variance.md`` and ``variance.png`` under ``out_dir``.
 
@@ -85,7 +87,9 @@ def run_variance_experiment(
     Returns one dict per setting with the CSV columns (``gamma`` None for support_kl, ``K`` and
     ``renormalize`` None for sampled_token) plus ``bias_rel_exact``, ``variance_exact``,
     ``bias_noise_floor`` (``sqrt(variance / N) / ‖∇J‖``), ``n_samples``, ``grad_norm_exact``.
-    ``out_dir=None`` writes nothing.
+    ``out_dir=None`` writes nothing. ``top_p < 1``: rollouts from the student truncated to each row's nucleus
+    (the objective stays the untruncated student's KL), and the sampled-token estimators also with token and
+    sequence importance corrections (``estimator`` ``sampled_token_token_is``, ``sampled_token_sequence_is``).
     """
     preset = get_preset(problem)
     Ts = [int(t) for t in (preset.Ts if Ts is None else Ts)]
@@ -106,13 +110,16 @@ def run_variance_experiment(
             )
     if n_estimates < 2 or samples_per_estimate < 2:
         raise InputError("n_estimates and samples_per_estimate: expected >= 2")
-    specs = default_specs(vocab, gammas, Ks)
+    if not 0.0 < float(top_p) <= 1.0:
+        raise InputError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+    specs = default_specs(vocab, gammas, Ks, corrections=top_p < 1.0)
     results: list[dict] = []
     for T in Ts:
         t0 = time.perf_counter()
         # A bigram's tables do not depend on T: one problem for every horizon, so the curve against T
         # is one student's; a tabular problem's tables grow with T and are drawn per T.
         toy = preset.make(vocab, T, _seed_for(seed, 0 if preset.structure == "bigram" else T, 1))
+        toy = dataclasses.replace(toy, top_p=float(top_p))
         exact = exact_kl_gradient(toy)
         exact_norm = float(exact.norm())
         gen = torch.Generator().manual_seed(_seed_for(seed, T, 2))
@@ -129,7 +136,7 @@ def run_variance_experiment(
                 ex_mean, ex_var = bigram_exact_mean(toy, spec), math.nan
             results.append(
                 {
-                    "estimator": spec.estimator,
+                    "estimator": spec.name,
                     "T": T,
                     "gamma": spec.gamma,
                     "K": spec.K,
@@ -159,6 +166,7 @@ def run_variance_experiment(
             samples_per_estimate=samples_per_estimate,
             seed=seed,
             problem=preset.name,
+            top_p=float(top_p),
         )
         (out / "variance.md").write_text(format_markdown(results, settings), encoding="utf-8")
         if plot:

@@ -155,6 +155,27 @@ def format_markdown(results: Sequence[dict], settings: dict) -> str:
                 f"{_g(r['bias_noise_floor'])} | {_g(r['bias_rel_exact'])} | {_g(r['variance'])} | "
                 f"[{_g(r['variance_ci_low'])}, {_g(r['variance_ci_high'])}] | {_g(r['variance_exact'])} |"
             )
+    corrected = [r for r in results if r["estimator"].endswith("_is")]
+    if corrected:
+        lines += [
+            "",
+            f"## Top-p rollouts (p = {settings.get('top_p', 1.0):g}): sampled-token with and without importance "
+            "correction",
+            "",
+            "Rollouts come from the truncated student π_p, the objective is the untruncated student's KL: `none` "
+            "is the paper's estimator, `token` weights each token's loss by its nucleus mass Z_t = π/π_p, "
+            "`sequence` weights the whole trajectory by Π_t Z_t.",
+            "",
+            "| T | γ | correction | bias_rel | floor | bias_rel (exact) | variance | 95% CI | variance (exact) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in [r for r in results if r["estimator"].startswith("sampled_token")]:
+            kind = r["estimator"].removeprefix("sampled_token").removesuffix("_is").lstrip("_") or "none"
+            lines.append(
+                f"| {r['T']} | {r['gamma']:g} | {kind} | {_g(r['bias_rel'])} | {_g(r['bias_noise_floor'])} | "
+                f"{_g(r['bias_rel_exact'])} | {_g(r['variance'])} | [{_g(r['variance_ci_low'])}, "
+                f"{_g(r['variance_ci_high'])}] | {_g(r['variance_exact'])} |"
+            )
     ratios = variance_ratios(results)
     if ratios:
         lines += [

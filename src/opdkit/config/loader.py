@@ -238,6 +238,11 @@ def _inert_rules(cfg: Config) -> list[tuple[str, bool, str]]:
         ("objective.reward_clip", not pg, "it acts only with objective.kind=sampled_token"),
         ("objective.ppo_clip_eps", not (pg and cfg.optim.mini_batches > 1),
          "it acts only with objective.kind=sampled_token and optim.mini_batches > 1 (PPO clipping)"),
+        ("objective.topp_correction", not (pg and cfg.rollout.top_p < 1),
+         "it acts only with objective.kind=sampled_token and rollout.top_p < 1 (untruncated rollouts need no "
+         "correction)"),
+        ("objective.topp_correction_clip", not (pg and o.topp_correction == "sequence"),
+         "it acts only with objective.topp_correction=sequence"),
         ("objective.support", not skl, "it acts only with objective.kind=support_kl"),
         ("objective.support_top_p", not (skl and o.support == "teacher_topp"),
          "it acts only with objective.support=teacher_topp"),

@@ -187,6 +187,14 @@ class ObjectiveConfig:
     gamma: float = _f(0.0, "sampled_token: discount of future rewards; 0 = token-level, 1 = sequence-level", ge=0, le=1)
     reward_clip: float | None = _f(None, "sampled_token: clip per-token rewards to [-c, c]; null = no clip", gt=0)
     ppo_clip_eps: float = _f(0.2, "sampled_token: PPO clip range of the ratio pi / pi_old", gt=0)
+    topp_correction: str = _f(
+        "none",
+        "sampled_token with rollout.top_p < 1: importance weights for rollouts drawn from the truncated student; "
+        "token = each token's loss times its nucleus mass Z_t = pi / pi_p; sequence = every token times "
+        "min(prod_t Z_t, topp_correction_clip); none = the paper's estimator",
+        choices=("none", "token", "sequence"),
+    )
+    topp_correction_clip: float = _f(1.0, "sampled_token, topp_correction=sequence: the weight's upper bound", gt=0)
     aggregation: str = _f(
         "token-mean",
         "how per-token losses are reduced to one number",

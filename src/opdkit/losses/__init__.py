@@ -22,6 +22,7 @@ from opdkit.losses.policy_gradient import (
     policy_gradient_loss,
     sampled_token_advantages,
     sampled_token_rewards,
+    topp_correction_weights,
 )
 from opdkit.losses.support import (
     add_sampled_token,
@@ -56,4 +57,5 @@ __all__ = [
     "support_kl_from_hidden",
     "support_mass",
     "teacher_topk_support",
+    "topp_correction_weights",
 ]

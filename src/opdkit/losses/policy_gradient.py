@@ -24,7 +24,7 @@ from opdkit.losses._checks import (
     result_dtype,
 )
 
-__all__ = ["sampled_token_rewards", "sampled_token_advantages", "policy_gradient_loss"]
+__all__ = ["sampled_token_rewards", "sampled_token_advantages", "policy_gradient_loss", "topp_correction_weights"]
 
 
 def _check_pair(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -167,3 +167,44 @@ def policy_gradient_loss(
         clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
         loss = torch.maximum(loss, clipped)
     return torch.where(mask_b, loss, torch.zeros_like(loss))
+
+
+def topp_correction_weights(
+    old_logprobs: torch.Tensor,
+    sampling_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    mode: str = "token",
+    clip: float = 1.0,
+) -> torch.Tensor:
+    """Importance weights for rollouts drawn from the top-p truncated student (METHOD.md, "Top-p rollout
+    mismatch"): the objectives treat the tokens as samples of π while they came from ``π_p = π / Z_t`` on the
+    nucleus, so ``π(y_t) / π_p(y_t) = Z_t`` (the nucleus mass at that position, ≤ 1).
+
+    Args:
+        old_logprobs: ``[..., T]`` log π_old of the sampled tokens (untruncated).
+        sampling_logprobs: ``[..., T]`` their log-prob under the truncated distribution they were drawn from.
+        mask: ``[..., T]`` loss mask; weights are 0 where it is 0.
+        mode: ``"token"``: ``w_t = Z_t`` (weights the token's reward: the current token's sampling corrected);
+            ``"sequence"``: every token of a sequence gets ``min(Π_t Z_t, clip)`` (the whole trajectory's
+            importance weight; ``Π Z ≤ 1``, so ``clip`` acts only below 1).
+        clip: the sequence weight's upper bound, > 0.
+
+    Returns:
+        ``[..., T]`` detached weights (float32 or wider). ``Z_t`` above 1 by rounding is taken as 1.
+    """
+    mask_b = _check_pair("old_logprobs", old_logprobs, "sampling_logprobs", sampling_logprobs, mask)
+    if mode not in ("token", "sequence"):
+        raise InputError(f"mode: expected 'token' or 'sequence', got {mode!r}")
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
+        raise InputError(f"clip: expected a number > 0, got {clip!r}")
+    check_no_nan("old_logprobs", old_logprobs)
+    check_no_nan("sampling_logprobs", sampling_logprobs)
+    dtype = result_dtype(old_logprobs, sampling_logprobs)
+    log_z = old_logprobs.detach().to(dtype) - sampling_logprobs.detach().to(dtype)
+    log_z = torch.where(mask_b, log_z.clamp(max=0.0), torch.zeros_like(log_z))
+    if mode == "token":
+        w = log_z.exp()
+    else:
+        w = log_z.sum(-1, keepdim=True).exp().clamp(max=float(clip)).expand_as(log_z)
+    return torch.where(mask_b, w, torch.zeros_like(w))

@@ -303,6 +303,7 @@ def _update(c, plan: StepPlan, batch, sp: StudentPass, signal, loss_mask, metric
                 support_ids_B_T_K=signal.support_ids_B_T_K[a:b],
                 teacher_logprobs_B_T_K=signal.teacher_logprobs_B_T_K[a:b],
                 teacher_sampled_logprobs_B_T=signal.sampled_logprobs_B_T[a:b],
+                sampling_logprobs_B_T=batch.sampling_logprobs_B_T[a:b],
             )
             sync = i == len(micro) - 1
             with acc.no_sync(c.module) if not sync else contextlib.nullcontext():
