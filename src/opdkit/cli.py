@@ -608,7 +608,7 @@ example:
     p.add_argument("name", metavar="NAME", help="the experiment (below), or 'list'")
     p.add_argument("--out", default=None, help="output directory (default runs/experiment-NAME)")
     p.add_argument("--cache-dir", default=None, help="where the demo's models are cached (default ~/.cache/opdkit)")
-    p.add_argument("--steps", type=int, default=None, help="OPD steps per arm (default: the demo's 250)")
+    p.add_argument("--steps", type=int, default=None, help="OPD steps per arm (default: the demo config's, 400)")
     p.add_argument("--seed", type=int, default=0, help="run seed of every arm (default 0)")
     p.add_argument("--probe-batches", type=int, default=8,
                    help="rollout batches per arm for the gradient variance (default 8; 0 = skip it)")

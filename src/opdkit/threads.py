@@ -12,11 +12,12 @@ Only the standard library is imported at module level.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
 
-__all__ = ["available_cores", "configure_threads"]
+__all__ = ["available_cores", "configure_threads", "fixed_numerics"]
 
 
 def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
@@ -61,3 +62,21 @@ def configure_threads(setting: int = 0, *, local_processes: int | None = None) -
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+@contextlib.contextmanager
+def fixed_numerics(threads: int):
+    """Inside: torch's intra-op threads fixed to ``threads`` and deterministic algorithms required, so that
+    a computation gives the same bits whatever the machine's core count (a float reduction's order follows
+    the thread count); the previous settings come back on exit."""
+    import torch
+
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(int(threads))
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old_det)
+        torch.set_num_threads(old_threads)

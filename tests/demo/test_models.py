@@ -260,3 +260,51 @@ def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "opdkit"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir().parts[-2:] == (".cache", "opdkit")
+
+
+def test_the_build_gives_the_same_models_whatever_the_thread_count(tmp_path):
+    """The demo's models are built with fixed numerics (one thread, deterministic algorithms): the same bits
+    whether the caller runs torch on one thread or two. Without it, the thread count changes the models
+    (checked below on the same fine-tuning, so this test can fail)."""
+    import hashlib
+
+    import torch
+
+    from opdkit.demo.build import build_entry
+
+    wide = dataclasses.replace(TINY, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                               intermediate_size=256)
+    settings = dataclasses.replace(TINY_SETTINGS, teacher=wide,
+                                   student=dataclasses.replace(wide, sft_steps=2, init_seed=1))
+
+    def digest(root):
+        return {p.name: hashlib.sha256((root / p.name / "model.safetensors").read_bytes()).hexdigest()
+                for p in (root / "teacher", root / "student")}
+
+    before = torch.get_num_threads()
+    try:
+        digests = []
+        for i, threads in enumerate((1, 2)):
+            torch.set_num_threads(threads)
+            build_entry(tmp_path / str(i), settings, 0, lambda _m: None)
+            digests.append(digest(tmp_path / str(i)))
+            assert torch.get_num_threads() == threads  # the caller's setting comes back
+        assert digests[0] == digests[1]
+        # the control: the same fine-tuning without fixed numerics differs between 1 and 2 threads
+        from opdkit.demo.sft import build_examples, sft_train
+        from opdkit.demo.task import corpus_for_tokenizer
+        from opdkit.tiny import build_tiny_model, train_tokenizer
+
+        tok = train_tokenizer(corpus_for_tokenizer(300, seed=0), 320)
+        examples = build_examples(tok, make_problems(64, seed=0))
+        weights = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            m = build_tiny_model(tok, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                                 intermediate_size=256, seed=0)
+            sft_train(m, examples, pad_id=tok.pad_token_id, steps=3, batch_size=16, lr=3e-3, warmup=1,
+                      min_lr_ratio=0.05, weight_decay=0.01, seed=0)
+            weights.append(torch.cat([p.detach().reshape(-1) for p in m.parameters()]))
+        assert not torch.equal(weights[0], weights[1])
+    finally:
+        torch.set_num_threads(before)

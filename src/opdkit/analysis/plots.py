@@ -44,7 +44,7 @@ def plot_variance(results: Sequence[dict], path: str | Path) -> Path:
             lo = [max(r["variance"] - r["variance_ci_low"], 0.0) for r in rows]
             hi = [max(r["variance_ci_high"] - r["variance"], 0.0) for r in rows]
             ax_var.errorbar(x, y, yerr=[lo, hi], color=c, marker="o", ms=4, capsize=3, label=f"sampled-token, T={T}")
-            ax_bias.plot(x, [r["bias_rel_exact"] for r in rows], color=c, label=f"T={T} (exact)")
+            ax_bias.plot(x, [r["bias_rel_exact"] for r in rows], color=c, marker="o", ms=3, label=f"T={T} (exact)")
             ax_bias.plot(x, [r["bias_rel"] for r in rows], color=c, ls="none", marker="x", ms=5)
         full = [r for r in sk if r["T"] == T and r["renormalize"] and r["K"] == max(q["K"] for q in sk)]
         if full and full[0]["variance"] > 0:

@@ -1,4 +1,4 @@
-"""Bias and variance of OPD gradient estimators on a toy problem whose exact gradient is known.
+"""Bias and variance of the OPD gradient estimators, on toy problems with an exact gradient or on real LMs.
 
 This module runs the experiment (``run_variance_experiment``): per horizon T, one toy problem
 (``opdkit.analysis.toy``), its exact gradient, the sampled trajectories, and every estimator setting

@@ -39,7 +39,9 @@ __all__ = [
 # Bump when the build code changes what a given DemoSettings produces.
 # 2: the accuracy checks and evaluations sample with the library's HFSampler (per-row seeds), which moves
 #    the student's early stop and the measured accuracies.
-CACHE_FORMAT = 4  # 3: accuracies measured by opdkit.eval's evaluator (issue 10); 4: the sampler's fused draw (issue 11)
+# 3: accuracies measured by opdkit.eval's evaluator (issue 10); 4: the sampler's fused draw (issue 11);
+# 5: built with fixed numerics (opdkit.demo.build.BUILD_THREADS threads, deterministic algorithms; issue 14)
+CACHE_FORMAT = 5
 MANIFEST = "manifest.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
