@@ -158,7 +158,8 @@ def test_choice_error():
     with pytest.raises(ConfigError) as e:
         load_config(overrides=["objective.support=foo"])
     assert str(e.value).endswith(
-        "objective.support: must be one of teacher_topk, student_topk, teacher_topk_plus_sampled, teacher_topp, got 'foo'"
+        "objective.support: must be one of teacher_topk, student_topk, teacher_topk_plus_sampled, teacher_topp, "
+        "got 'foo'"
     )
 
 

@@ -216,3 +216,29 @@ def test_top_p_rollouts_and_their_corrections_against_enumeration():
         assert lo <= var <= hi, (correction, lo, var, hi)
     with pytest.raises(Exception, match="support_kl: set K and renormalize only"):
         EstimatorSpec("support_kl", K=2, renormalize=True, correction="token")
+
+
+def test_the_command_line_names_its_flags_and_guards_its_folder(tmp_path, capsys):
+    from opdkit.cli import main
+
+    base = ["analyze", "variance", "--gammas", "0,1", "--K", "2", "--no-plot"]
+    assert main([*base, "--T", "2,2", "--out", str(tmp_path / "a")]) == 2
+    assert "--T: a horizon given twice" in capsys.readouterr().err
+    assert main([*base, "--T", "2", "--rollout-top-p", "0", "--out", str(tmp_path / "a")]) == 2
+    assert "--rollout-top-p: expected a number in (0, 1]" in capsys.readouterr().err
+    assert main([*base, "--T", "2", "--K", "0", "--out", str(tmp_path / "a")]) == 2
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    assert main([*base, "--T", "2", "--out", str(mine)]) == 2
+    assert "holds other files" in capsys.readouterr().err
+    afile = tmp_path / "f"
+    afile.write_text("x")
+    assert main([*base, "--problem", "demo", "--cache-dir", str(afile), "--out", str(tmp_path / "b")]) == 2
+    assert "--cache-dir" in capsys.readouterr().err and not (tmp_path / "b" / "variance.csv").exists()
+    assert main([*base, "--T", "2", "--n-estimates", "2", "--samples-per-estimate", "4", "--out",
+                 str(tmp_path / "c")]) == 0
+    assert main([*base, "--T", "3", "--n-estimates", "2", "--samples-per-estimate", "4", "--out",
+                 str(tmp_path / "c")]) == 0  # its own folder again
+    assert main([*base, "--T", "2", "--reference-factor", "2", "--out", str(tmp_path / "d")]) == 2
+    assert "--reference-factor: only with --problem demo or lm" in capsys.readouterr().err

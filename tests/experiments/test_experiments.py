@@ -115,3 +115,13 @@ def test_accuracy_interval():
     lo, hi = accuracy_interval(0.5, 200)
     assert 0.43 < lo < 0.5 < hi < 0.57
     assert accuracy_interval(0.0, 10)[0] == 0.0
+
+
+def test_an_experiment_folder_is_not_reused_by_another_experiment(tmp_path):
+    from opdkit.errors import OpdkitError
+    from opdkit.experiments.runner import MARKER, run_experiment
+
+    (tmp_path / MARKER).write_text("created by opdkit experiment k_sweep\n")
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(OpdkitError, match="another experiment's results"):
+        run_experiment("renormalization", tmp_path, models=object())

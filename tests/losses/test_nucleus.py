@@ -70,3 +70,13 @@ def test_padded_slots_stay_padded_and_bad_arguments_are_refused():
             nucleus_support(ids, lp, bad)
     with pytest.raises(InputError, match="min_k"):
         nucleus_support(ids, lp, 0.9, min_k=0)
+
+
+def test_p_one_keeps_every_slot_in_float32():
+    """A float32 running mass can reach 1 before the last ids: p = 1 must still keep all K (found in review)."""
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(200, 50, generator=g) * 5
+    ids, lp = teacher_topk_support(teacher, 32)
+    assert lp.dtype == torch.float32
+    _, kept = nucleus_support(ids, lp, 1.0)
+    assert torch.equal(kept, lp)

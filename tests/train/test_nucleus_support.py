@@ -44,6 +44,14 @@ def test_a_nucleus_run_logs_its_sizes_and_p_one_is_top_k(tmp_path, tiny_model_di
 def test_nucleus_settings_are_refused_where_they_do_nothing():
     with pytest.raises(ConfigError, match="objective.support_top_p.*acts only with objective.support=teacher_topp"):
         load_config(None, {"objective.support_top_p": 0.8})
+    with pytest.raises(ConfigError, match=r"objective.support_min_k=1 with objective.renormalize=true: the KL of a "
+                                          r"renormalised one-id support is 0"):
+        load_config(None, {"objective.support": "teacher_topp", "objective.support_min_k": 1})
+    load_config(None, {"objective.support": "teacher_topp", "objective.support_min_k": 1,
+                       "objective.renormalize": False})  # unrenormalised, one id still carries a loss
+    with pytest.raises(ConfigError, match="objective.topp_correction_clip"):
+        load_config(None, {"objective.kind": "sampled_token", "rollout.top_p": 0.9, "objective.topp_correction":
+                           "sequence", "objective.topp_correction_clip": 5})
     with pytest.raises(ConfigError, match=r"objective.support_min_k \(9\) must not exceed objective.top_k \(8\)"):
         load_config(None, {"objective.support": "teacher_topp", "objective.top_k": 8, "objective.support_min_k": 9})
 

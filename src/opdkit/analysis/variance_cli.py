@@ -81,7 +81,7 @@ def add_variance_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher", default=None, metavar="DIR", help="the teacher's, same tokenizer (--problem lm)")
     g.add_argument("--prompts", default=None, metavar="JSONL",
                    help="prompts ({\"prompt\": ...} lines; default: 16 of the demo task's training prompts)")
-    g.add_argument("--reference-factor", type=int, default=4,
+    g.add_argument("--reference-factor", type=int, default=None,
                    help="the γ=1 reference gradient uses this many times the trajectories (default 4)")
     g.add_argument("--cache-dir", default=None, metavar="DIR", help="the demo's cache (--problem demo)")
 
@@ -90,18 +90,52 @@ def _csv(values) -> str:
     return ",".join(f"{v:g}" for v in values)
 
 
-def variance_from_args(args: argparse.Namespace) -> int:
+# Parameter names in the library's messages, and the flags they come from.
+_FLAG_OF = {"Ts": "--T", "gammas": "--gammas", "vocab": "--vocab", "n_estimates": "--n-estimates",
+            "samples_per_estimate": "--samples-per-estimate", "top_p": "--rollout-top-p", "Ks": "--K"}
+OUT_MARKER = ".opdkit-variance"  # an earlier run's folder: written into again
+
+
+def _check_out(out: str) -> None:
+    """``--out``: new, empty, or an earlier ``analyze variance`` folder (never a folder of other files)."""
     from opdkit.paths import check_output_dir
 
-    check_output_dir(args.out, "--out")  # before minutes of computation, not after
+    path = check_output_dir(out, "--out")
+    if path.is_dir() and any(path.iterdir()) and not (path / OUT_MARKER).is_file():
+        raise InputError(f"--out '{out}': a folder that holds other files; give a new or empty folder (or an "
+                         "earlier analyze variance folder)")
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    if args.Ts is not None and len(set(args.Ts)) != len(args.Ts):
+        raise InputError(f"--T: a horizon given twice ({','.join(map(str, args.Ts))})")
+    if args.Ks is not None and any(k < 1 for k in args.Ks):
+        raise InputError(f"--K: expected support sizes >= 1, got {','.join(map(str, args.Ks))}")
+
+
+def variance_from_args(args: argparse.Namespace) -> int:
+    import re
+
+    from opdkit.paths import check_output_dir
+
+    _check_out(args.out)  # before minutes of computation, not after
+    _check_sizes(args)
     lm_flags = [f for f, v in (("--student", args.student), ("--teacher", args.teacher), ("--prompts", args.prompts),
-                               ("--cache-dir", args.cache_dir)) if v is not None]
-    if args.problem in LM_PROBLEMS:
-        results = run_lm_experiment(args)
-    else:
-        if lm_flags:
-            raise InputError(f"{', '.join(lm_flags)}: only with --problem demo or lm")
-        results = _toy(args)
+                               ("--cache-dir", args.cache_dir), ("--reference-factor", args.reference_factor))
+                if v is not None]
+    try:
+        if args.problem in LM_PROBLEMS:
+            if args.cache_dir is not None:
+                check_output_dir(args.cache_dir, "--cache-dir")
+            results = run_lm_experiment(args)
+        else:
+            if lm_flags:
+                raise InputError(f"{', '.join(lm_flags)}: only with --problem demo or lm")
+            results = _toy(args)
+    except InputError as exc:  # name the flag, not the parameter
+        message = re.sub(r"^(" + "|".join(_FLAG_OF) + r")\b", lambda m: _FLAG_OF[m.group(1)], str(exc))
+        raise InputError(message) from None
+    (Path(args.out) / OUT_MARKER).write_text("created by opdkit analyze variance\n", encoding="utf-8")
     for T, v in variance_ratios(results).items():
         exact = "" if math.isnan(v["exact"]) else f", exact {v['exact']:.3g}"
         print(
@@ -154,9 +188,17 @@ def run_lm_experiment(args: argparse.Namespace) -> list[dict]:
         if not args.student or not args.teacher:
             raise InputError("--problem lm: give --student DIR and --teacher DIR")
         student_dir, teacher_dir = args.student, args.teacher
-    tokenizer = load_tokenizer(student_dir, require_chat_template=True)
-    student = load_causal_lm(student_dir, dtype="float32")
-    teacher = load_causal_lm(teacher_dir, dtype="float32")
+    from opdkit.errors import OpdkitError
+
+    try:
+        tokenizer = load_tokenizer(student_dir, require_chat_template=True)
+        student = load_causal_lm(student_dir, dtype="float32")
+    except OpdkitError as exc:
+        raise InputError(f"--student: {exc}") from None
+    try:
+        teacher = load_causal_lm(teacher_dir, dtype="float32")
+    except OpdkitError as exc:
+        raise InputError(f"--teacher: {exc}") from None
     if student.get_output_embeddings().weight.shape[0] != teacher.get_output_embeddings().weight.shape[0]:
         raise InputError("--student and --teacher: their output vocabularies differ (a shared tokenizer is needed)")
     problem = LMProblem(student, teacher, [render_chat(tokenizer, m) for m in _prompt_messages(args.prompts)])
@@ -165,8 +207,9 @@ def run_lm_experiment(args: argparse.Namespace) -> list[dict]:
     n_est = args.n_estimates if args.n_estimates is not None else LM_N_ESTIMATES
     per = args.samples_per_estimate if args.samples_per_estimate is not None else LM_SAMPLES_PER_ESTIMATE
     Ts = args.Ts if args.Ts is not None else list(DEMO_TS)
+    factor = args.reference_factor if args.reference_factor is not None else 4
     results = run_lm_variance(problem, specs, Ts=Ts, n_estimates=n_est, samples_per_estimate=per,
-                              reference_factor=args.reference_factor, seed=args.seed, verbose=True)
+                              reference_factor=factor, seed=args.seed, verbose=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(results, out / "variance.csv")
@@ -175,7 +218,7 @@ def run_lm_experiment(args: argparse.Namespace) -> list[dict]:
                     description=f"student {student_dir}, teacher {teacher_dir}, {len(problem.prompt_ids)} prompts; "
                     "T tokens sampled at τ = 1 (EOS an ordinary token); the gradient w.r.t. the student's output "
                     f"layer [{problem.V}, {problem.W_V_d.shape[1]}]; bias against a γ = 1 reference from "
-                    f"{args.reference_factor}x the trajectories (its noise is in `floor`)")
+                    f"{factor}x the trajectories (its noise is in `floor`)", lm=True)
     (out / "variance.md").write_text(format_markdown(results, settings), encoding="utf-8")
     if not args.no_plot:
         from opdkit.analysis.plots import plot_variance

@@ -119,11 +119,17 @@ def format_markdown(results: Sequence[dict], settings: dict) -> str:
         f"Problem `{settings.get('problem', DEFAULT_PROBLEM)}`: "
         f"{settings.get('description') or get_preset(settings.get('problem', DEFAULT_PROBLEM)).description}.",
         "",
-        "- `bias_rel` = ‖mean − ∇J‖ / ‖∇J‖ from the samples; `floor` = sqrt(variance / N) / ‖∇J‖, the "
-        "size of the Monte Carlo noise in `bias_rel` (a bias well below it is not resolved); `exact` "
-        "columns are the estimator's true mean and variance, by enumeration of all V^T sequences where "
-        "V^T is small; beyond that (bigram problems) ∇J and the exact means of γ = 0, γ = 1 and the "
-        "support-set KL come from the Markov chain's marginals, and the others show –.",
+        (
+            "- `bias_rel` = ‖mean − ref‖ / ‖ref‖ with `ref` the mean of γ = 1 over the reference trajectories "
+            "(there is no exact gradient for a network); `floor` = sqrt(variance / N) / ‖ref‖ plus the "
+            "reference's own noise: a bias below it is not resolved; no `exact` column applies."
+            if settings.get("lm")
+            else "- `bias_rel` = ‖mean − ∇J‖ / ‖∇J‖ from the samples; `floor` = sqrt(variance / N) / ‖∇J‖, the "
+            "size of the Monte Carlo noise in `bias_rel` (a bias well below it is not resolved); `exact` "
+            "columns are the estimator's true mean and variance, by enumeration of all V^T sequences where "
+            "V^T is small; beyond that (bigram problems) ∇J and the exact means of γ = 0, γ = 1 and the "
+            "support-set KL come from the Markov chain's marginals, and the others show –."
+        ),
         "- `variance` = trace of the covariance of the one-trajectory gradient estimate, with a "
         f"{int(CI_LEVEL * 100)}% percentile bootstrap interval over the groups ({BOOTSTRAP_RESAMPLES} resamples).",
         "- `support_kl` optimises a different objective (the per-position KL on the teacher's top-K); its "

@@ -211,6 +211,10 @@ def _check_combinations(cfg: Config, origins: Mapping[str, str], source: str) ->
             "objective.tail_bucket=true requires objective.renormalize=false "
             "(inside a renormalised support the tail mass is 0)",
         )
+    if o.kind == "support_kl" and o.support == "teacher_topp" and o.renormalize and o.support_min_k < 2:
+        raise _error(where("objective.support_min_k", "objective.renormalize"),
+                     f"objective.support_min_k={o.support_min_k} with objective.renormalize=true: the KL of a "
+                     "renormalised one-id support is 0, so a confident position would teach nothing; use 2 or more")
     if o.support == "teacher_topp" and o.support_min_k > o.top_k:
         raise _error(where("objective.support_min_k", "objective.top_k"),
                      f"objective.support_min_k ({o.support_min_k}) must not exceed objective.top_k ({o.top_k}), "

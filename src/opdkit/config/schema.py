@@ -177,7 +177,9 @@ class ObjectiveConfig:
         0.9,
         "teacher_topp: a position's support is the fewest of the teacher's most likely ids whose probability "
         "reaches this (at least support_min_k, at most top_k ids)", gt=0, le=1)
-    support_min_k: int = _f(1, "teacher_topp: the fewest ids a position's support may have", ge=1)
+    support_min_k: int = _f(
+        2, "teacher_topp: the fewest ids a position's support may have (>= 2 when renormalised: the KL of a "
+        "renormalised one-id support is 0, so such a position teaches nothing)", ge=1)
     renormalize: bool = _f(True, "renormalise both distributions inside the support (the paper's stable form)")
     divergence: str = _f(
         "reverse_kl", "divergence computed on the support", choices=("reverse_kl", "forward_kl", "jsd")
@@ -194,7 +196,9 @@ class ObjectiveConfig:
         "min(prod_t Z_t, topp_correction_clip); none = the paper's estimator",
         choices=("none", "token", "sequence"),
     )
-    topp_correction_clip: float = _f(1.0, "sampled_token, topp_correction=sequence: the weight's upper bound", gt=0)
+    topp_correction_clip: float = _f(
+        1.0, "sampled_token, topp_correction=sequence: the weight's upper bound, in (0, 1] (prod_t Z_t is at most 1, "
+        "so 1 = no clip)", gt=0, le=1)
     aggregation: str = _f(
         "token-mean",
         "how per-token losses are reduced to one number",

@@ -74,8 +74,9 @@ class _Probe:
         mean = G.mean(0)
         var = float((G - mean).square().sum() / (B - 1))
         signal = float(mean.square().sum()) - var / B
+        # ‖E g‖² is estimated without bias as ‖ḡ‖² − var/B; at or below 0 the signal is not resolved
         return {"grad_variance": var, "grad_mean_sq": signal,
-                "noise_to_signal": var / signal if signal > 0 else math.inf, "probe_batches": B}
+                "noise_to_signal": var / signal if signal > 0 else math.nan, "probe_batches": B}
 
 
 def _config(arm: Arm, student_dir, teacher_dir, steps: int | None, seed: int, extra: dict):
@@ -160,11 +161,15 @@ def run_experiment(
         unknown = sorted(set(arms) - {a.name for a in exp.arms})
         raise OpdkitError(f"arms: {unknown} not in {name} ({', '.join(a.name for a in exp.arms)})")
     out = Path(out_dir)
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise OpdkitError(f"--out '{out}': a folder that holds other files; give a new or empty folder (or an "
-                          "earlier experiment's)")
+    mark = f"created by opdkit experiment {name}\n"
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise OpdkitError(f"--out '{out}': a folder that holds other files; give a new or empty folder (or an "
+                              f"earlier run of {name}'s)")
+        if (out / MARKER).read_text(encoding="utf-8") != mark:
+            raise OpdkitError(f"--out '{out}': holds another experiment's results; give a new folder for {name}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(f"created by opdkit experiment {name}\n", encoding="utf-8")
+    (out / MARKER).write_text(mark, encoding="utf-8")
     t0 = time.perf_counter()
     if models is None:
         from opdkit.demo.cache import prepare_demo_models

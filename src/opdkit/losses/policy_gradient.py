@@ -185,7 +185,8 @@ def topp_correction_weights(
         old_logprobs: ``[..., T]`` log π_old of the sampled tokens (untruncated).
         sampling_logprobs: ``[..., T]`` their log-prob under the truncated distribution they were drawn from.
         mask: ``[..., T]`` loss mask; weights are 0 where it is 0.
-        mode: ``"token"``: ``w_t = Z_t`` (weights the token's reward: the current token's sampling corrected);
+        mode: ``"token"``: ``w_t = Z_t`` (multiplies the token's loss ``−A_t ρ_t``; for γ = 0 that is its
+            reward: the current token's sampling corrected);
             ``"sequence"``: every token of a sequence gets ``min(Π_t Z_t, clip)`` (the whole trajectory's
             importance weight; ``Π Z ≤ 1``, so ``clip`` acts only below 1).
         clip: the sequence weight's upper bound, > 0.

@@ -196,6 +196,8 @@ def nucleus_support(
     if isinstance(min_k, bool) or not isinstance(min_k, int) or min_k < 1:
         raise InputError(f"min_k: expected an int >= 1, got {min_k!r}")
     check_no_nan("teacher_logprobs", teacher_logprobs)
+    if top_p >= 1.0:  # every slot: a float32 running mass can reach 1 before the last ids (rounding)
+        return support_ids, teacher_logprobs
     lp = teacher_logprobs.to(torch.float64)
     # stable sort: equal probabilities keep their slot order, so the kept set is deterministic
     order = torch.sort(lp, dim=-1, descending=True, stable=True).indices
