@@ -90,6 +90,15 @@ def test_the_end_swapped_teacher_swaps_only_its_output_rows(tmp_path, models):
     assert torch.equal(lo[..., a], ln[..., b]) and torch.equal(lo[..., b], ln[..., a])
     keep = [i for i in range(lo.shape[-1]) if i not in (a, b)]
     assert torch.equal(lo[..., keep], ln[..., keep])
+    # the demo's tokenizer names <|endoftext|> its unknown token: still a token of the vocabulary
+    import shutil
+
+    teacher = tmp_path / "unk_teacher"
+    shutil.copytree(models.teacher_dir, teacher)
+    tok.unk_token = "<|endoftext|>"
+    tok.save_pretrained(teacher)
+    assert load_tokenizer(teacher).unk_token_id == b
+    eos_swapped_teacher(teacher, tmp_path / "swapped_unk")
 
 
 def test_bad_input_is_refused_before_any_work(tmp_path, capsys):

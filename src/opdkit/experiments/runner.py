@@ -39,9 +39,10 @@ def eos_swapped_teacher(teacher_dir: str | Path, out_dir: str | Path) -> Path:
     if (out / "config.json").is_file():
         return out
     tok = load_tokenizer(teacher_dir)
-    ids = [tok.convert_tokens_to_ids(t) for t in EOS_SWAPPED]
-    if any(i is None or i == tok.unk_token_id for i in ids):
+    vocab = tok.get_vocab()  # (not unk_token_id: the demo's unknown token is <|endoftext|> itself)
+    if any(t not in vocab for t in EOS_SWAPPED):
         raise OpdkitError(f"the teacher's tokenizer lacks one of {EOS_SWAPPED}")
+    ids = [vocab[t] for t in EOS_SWAPPED]
     model = load_causal_lm(teacher_dir)
     head = model.get_output_embeddings().weight
     if head.data_ptr() == model.get_input_embeddings().weight.data_ptr():
