@@ -66,9 +66,10 @@ def test_kl_is_zero_with_zero_gradient_when_student_equals_teacher():
     assert float(exact_kl_gradient(same).abs().max()) < 1e-12
 
 
-def _autograd_through_the_table(problem, seqs, spec):
-    """Reference: autograd w.r.t. the whole [P, V] table, one sample at a time."""
-    rows = prefix_rows(problem.V, seqs)
+def autograd_through_the_table(problem, seqs, spec):
+    """Reference: autograd w.r.t. the whole [P, V] table, one sample at a time (the parts of a row visited at
+    several positions add up, as for a bigram problem)."""
+    rows = problem.rows(seqs)
     out = []
     for i in range(seqs.shape[0]):
         theta = problem.student_logits_P_V.clone().requires_grad_(True)
@@ -106,7 +107,7 @@ def test_vectorised_per_sample_gradients_match_autograd_and_closed_form(spec):
     dense = torch.zeros(seqs.shape[0], P, V, dtype=torch.float64)
     for i in range(seqs.shape[0]):
         dense[i].index_add_(0, rows[i], grad[i])
-    torch.testing.assert_close(dense, _autograd_through_the_table(problem, seqs, spec), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dense, autograd_through_the_table(problem, seqs, spec), rtol=1e-10, atol=1e-12)
     if spec.estimator == "sampled_token":
         # closed form: −A_t (onehot(y_t) − π(·|c_t)) at row c_t (the loss is −A log π)
         pi = torch.softmax(problem.student_logits_P_V[rows], -1)

@@ -28,7 +28,7 @@ from opdkit.analysis.variance import (
     variance_ratios,
 )
 from opdkit.analysis.variance_report import ratio_slope
-from opdkit.losses import policy_gradient_loss, sampled_token_advantages, support_kl, teacher_topk_support
+from tests.analysis.test_variance import autograd_through_the_table
 
 SPECS = [
     EstimatorSpec("sampled_token", gamma=0.0),
@@ -80,24 +80,8 @@ def test_sampling_follows_the_chain():
 
 
 def _autograd_per_sample(problem, seqs, spec):
-    """Reference: one sample at a time, autograd w.r.t. the whole [V+1, V] table."""
-    rows = bigram_rows(problem.V, seqs)
-    out = []
-    for i in range(seqs.shape[0]):
-        theta = problem.student_logits_P_V.clone().requires_grad_(True)
-        r, y = rows[i : i + 1], seqs[i : i + 1]
-        mask = torch.ones_like(y, dtype=torch.bool)
-        if spec.estimator == "sampled_token":
-            lp = torch.log_softmax(theta[r], -1).gather(-1, y[..., None])[..., 0]
-            lq = torch.log_softmax(problem.teacher_logits_P_V[r], -1).gather(-1, y[..., None])[..., 0]
-            adv = sampled_token_advantages(lq, lp.detach(), mask, gamma=spec.gamma)
-            loss = policy_gradient_loss(lp, lp.detach(), adv, mask).sum()
-        else:
-            ids, tlp = teacher_topk_support(problem.teacher_logits_P_V[r], spec.K)
-            loss = support_kl(theta[r], ids, tlp, mask, renormalize=spec.renormalize).sum()
-        (g,) = torch.autograd.grad(loss, theta)
-        out.append(g.reshape(-1))
-    return torch.stack(out)
+    """Reference: one sample at a time, autograd w.r.t. the whole [V+1, V] table, flattened."""
+    return autograd_through_the_table(problem, seqs, spec).reshape(seqs.shape[0], -1)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label)

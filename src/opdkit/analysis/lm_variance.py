@@ -84,28 +84,28 @@ def sample_trajectories(problem: LMProblem, n: int, T: int, generator: torch.Gen
     Prompts are drawn uniformly (iid); every prompt's trajectories are sampled together with a KV cache,
     each token by ``torch.multinomial`` on the student's softmax (float64) with ``generator``.
     """
+    import inspect
+
     which = torch.randint(len(problem.prompt_ids), (n,), generator=generator)
     tokens = torch.empty(n, T, dtype=torch.long)
+    # transformers names the cache argument ``cache`` from 5.x, ``past_key_values`` before
+    key = "cache" if "cache" in inspect.signature(problem.student.forward).parameters else "past_key_values"
     for p in range(len(problem.prompt_ids)):
         rows = torch.nonzero(which == p).flatten()
         if rows.numel() == 0:
             continue
         ids = problem.prompt_ids[p].unsqueeze(0).expand(rows.numel(), -1)
-        logits, cache = _next_logits(problem.student, ids, None)
+        logits, cache = _next_logits(problem.student, ids, None, key)
         for t in range(T):
             y = torch.multinomial(torch.softmax(logits.double(), -1), 1, generator=generator)
             tokens[rows, t] = y[:, 0]
             if t + 1 < T:
-                logits, cache = _next_logits(problem.student, y, cache)
+                logits, cache = _next_logits(problem.student, y, cache, key)
     return which, tokens
 
 
-def _next_logits(model, ids: torch.Tensor, cache):
-    """The last position's logits and the KV cache after ``ids`` (transformers names the cache argument
-    ``cache`` from 5.x, ``past_key_values`` before)."""
-    import inspect
-
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def _next_logits(model, ids: torch.Tensor, cache, key: str):
+    """The last position's logits and the KV cache after ``ids`` (``key``: the model's cache argument)."""
     out = model(input_ids=ids, use_cache=True, **({} if cache is None else {key: cache}))
     new = out["cache"] if "cache" in out else out["past_key_values"]
     return out.logits[:, -1], new

@@ -69,8 +69,6 @@ def plot_variance(results: Sequence[dict], path: str | Path) -> Path:
     ax_var.set_yscale("log")
     ax_var.set_ylabel("variance per sample (trace of covariance)")
     ax_var.set_title("sampled-token gradient variance (95% CI)")
-    if ax_var.get_legend_handles_labels()[0]:
-        ax_var.legend(fontsize=7)
     ax_k.set_xscale("log", base=2)
     k_values = sorted({r["K"] for r in sk})
     ax_k.set_xticks(k_values)
@@ -80,12 +78,8 @@ def plot_variance(results: Sequence[dict], path: str | Path) -> Path:
     ax_k.set_xlabel("support size K")
     ax_k.set_ylabel("variance per sample")
     ax_k.set_title("support-set KL gradient variance")
-    if ax_k.get_legend_handles_labels()[0]:
-        ax_k.legend(fontsize=7)
     ax_bias.set_ylabel("‖E ĝ − ∇J‖ / ‖∇J‖")
     ax_bias.set_title("relative bias (line: exact, x: Monte Carlo)")
-    if ax_bias.get_legend_handles_labels()[0]:
-        ax_bias.legend(fontsize=7)
     ratios = variance_ratios(results)
     rT = [T for T in sorted(ratios) if ratios[T]["mc"] > 0]
     if rT:
@@ -103,8 +97,9 @@ def plot_variance(results: Sequence[dict], path: str | Path) -> Path:
     ax_ratio.set_xlabel("horizon T")
     ax_ratio.set_ylabel("variance(γ=1) / variance(γ=0)")
     ax_ratio.set_title("variance ratio against T")
-    if ax_ratio.get_legend_handles_labels()[0]:
-        ax_ratio.legend(fontsize=7)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:  # (a panel may have nothing labelled, e.g. one γ)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

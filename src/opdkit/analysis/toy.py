@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from opdkit.errors import InputError
+from opdkit.losses import nucleus_support
 
 __all__ = [
     "DEFAULT_PROBLEM",
@@ -114,15 +115,13 @@ class ToyProblem:
     def rollout_probs(self) -> torch.Tensor:
         """``[P, V]`` the distribution rollouts are drawn from: each row's softmax, truncated to its nucleus
         (the fewest most likely tokens whose mass reaches ``top_p``; ties by token id) and renormalised."""
-        probs = torch.softmax(self.student_logits_P_V.detach(), dim=-1)
+        logprobs = torch.log_softmax(self.student_logits_P_V.detach(), dim=-1)
         if self.top_p >= 1.0:
-            return probs
-        order = torch.sort(probs, dim=-1, descending=True, stable=True).indices
-        sorted_p = probs.gather(-1, order)
-        keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < self.top_p
-        keep = torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)
-        kept = torch.where(keep, probs, torch.zeros_like(probs))
-        return kept / kept.sum(-1, keepdim=True)
+            return logprobs.exp()
+        # the same nucleus rule as the nucleus support sets (ties by token id)
+        ids = torch.arange(self.V).expand_as(logprobs)
+        _, kept = nucleus_support(ids, logprobs, float(self.top_p), min_k=1)
+        return torch.softmax(kept, dim=-1)
 
     def rows(self, seqs_N_T: torch.Tensor) -> torch.Tensor:
         """``[N, T]`` table row of each position's context."""

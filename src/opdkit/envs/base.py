@@ -125,15 +125,20 @@ def register_env(kind: str, target: str) -> None:
     _REGISTRY[kind] = target
 
 
-def make_env(spec: EnvSpec) -> Environment:
-    """Build the environment ``spec`` describes (``EnvError`` for an unknown kind or bad arguments)."""
+def _factory(kind: str):
+    """The class or factory registered under ``kind`` (imported on use; ``EnvError`` if unknown)."""
     import importlib
 
-    target = _REGISTRY.get(spec.kind)
+    target = _REGISTRY.get(kind)
     if target is None:
-        raise EnvError(f"environment kind {spec.kind!r} is unknown (known: {', '.join(sorted(_REGISTRY))})")
+        raise EnvError(f"environment kind {kind!r} is unknown (known: {', '.join(sorted(_REGISTRY))})")
     module, _, attr = target.partition(":")
-    factory = getattr(importlib.import_module(module), attr)
+    return getattr(importlib.import_module(module), attr)
+
+
+def make_env(spec: EnvSpec) -> Environment:
+    """Build the environment ``spec`` describes (``EnvError`` for an unknown kind or bad arguments)."""
+    factory = _factory(spec.kind)
     try:
         return factory(**dict(spec.args))
     except TypeError as exc:
@@ -148,13 +153,7 @@ def check_spec(spec: EnvSpec) -> None:
     """
     import inspect
 
-    target = _REGISTRY.get(spec.kind)
-    if target is None:
-        raise EnvError(f"environment kind {spec.kind!r} is unknown (known: {', '.join(sorted(_REGISTRY))})")
-    import importlib
-
-    module, _, attr = target.partition(":")
-    factory = getattr(importlib.import_module(module), attr)
+    factory = _factory(spec.kind)
     try:
         inspect.signature(factory).bind(**dict(spec.args))
     except TypeError as exc:

@@ -24,6 +24,7 @@ A turn's seed is ``trajectory_seed(episode seed, turn)``, so an episode is the s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,8 +37,8 @@ from opdkit.errors import InputError
 from opdkit.rollout.seeding import trajectory_seed
 from opdkit.types import FINISH_LENGTH, FINISH_STOP, RolloutBatch
 
-__all__ = ["EpisodeResult", "EpisodeSettings", "action_text", "episode_metrics", "first_messages", "run_episodes",
-           "turn_suffix"]
+__all__ = ["EpisodeResult", "EpisodeSettings", "action_text", "episode_metrics", "first_messages",
+           "fit_episode_budget", "run_episodes", "turn_suffix"]
 
 _SENTINEL = "\x00opdkit-turn\x00"
 
@@ -125,6 +126,17 @@ class _Ep:
         self.student.extend([1 if student else 0] * n)
         for dst, src in ((self.old_lp, old), (self.samp_lp, samp), (self.ent, ent), (self.lse, lse)):
             dst.extend([0.0] * n if src is None else [float(x) for x in src])
+
+
+def fit_episode_budget(env_cfg, context: int | None, *, key: str, log):
+    """The ``env`` config section ``env_cfg`` with ``max_episode_tokens`` at most the model's ``context`` (a log
+    line when it is lowered): an episode longer than the model's positions would be played on positions it
+    never saw."""
+    if context is None or env_cfg.max_episode_tokens <= context:
+        return env_cfg
+    log(f"note: {key} {env_cfg.max_episode_tokens} is more than the model's context ({context} positions, "
+        f"max_position_embeddings): episodes end at {context} tokens")
+    return dataclasses.replace(env_cfg, max_episode_tokens=int(context))
 
 
 def first_messages(template: PromptTemplate, observation: str, info: dict) -> list[dict]:

@@ -223,16 +223,6 @@ def _env_failures(rows, names) -> dict[str, tuple[int, int, str]]:
     return out
 
 
-def fit_episode_budget(env, context: int | None, *, key: str, log):
-    """``env`` with ``max_episode_tokens`` at most the model's ``context`` (a log line when it is lowered): an
-    episode longer than the model's positions would be played on positions it never saw."""
-    if context is None or env.max_episode_tokens <= context:
-        return env
-    log(f"note: {key} {env.max_episode_tokens} is more than the model's context ({context} positions, "
-        f"max_position_embeddings): episodes end at {context} tokens")
-    return dataclasses.replace(env, max_episode_tokens=int(context))
-
-
 def _batches(benchmarks, games, settings, env, model, tokenizer, todo, pool, timings):
     """The graded samples of ``todo``, batch by batch: answers to problems, then episodes of games."""
     from opdkit.envs.base import template_from_config
@@ -366,6 +356,8 @@ def run_eval(
     _check_prompts([b for b in benchmarks if b not in games], tokenizer, context_length(model),
                    settings.max_new_tokens, log)
     if games:
+        from opdkit.envs.episodes import fit_episode_budget
+
         env = fit_episode_budget(env, context_length(model), key="--max-episode-tokens", log=log)
 
     out.mkdir(parents=True, exist_ok=True)

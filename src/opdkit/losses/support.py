@@ -44,6 +44,18 @@ def _check_k(k: int, vocab: int) -> int:
     return k
 
 
+def _check_support(support_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A support set's ids ``[..., K]`` and teacher log-probs ``[..., K]``, checked (types, same shape)."""
+    support_ids = check_int("support_ids", support_ids, min_dim=1)
+    teacher_logprobs = check_float("teacher_logprobs", teacher_logprobs, min_dim=1)
+    if teacher_logprobs.shape != support_ids.shape:
+        raise InputError(
+            f"teacher_logprobs: expected the shape of support_ids {list(support_ids.shape)}, "
+            f"got {list(teacher_logprobs.shape)}"
+        )
+    return support_ids, teacher_logprobs
+
+
 def _check_temperature(temperature: float) -> float:
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise InputError(f"temperature: expected a number > 0, got {temperature!r}")
@@ -133,8 +145,7 @@ def add_sampled_token(
         ``(ids[..., K+1], logprobs[..., K+1])``. The extra slot holds ``y_t`` when it is not already in
         the support; otherwise it is a padded slot (log-prob ``-inf``, weight 0).
     """
-    support_ids = check_int("support_ids", support_ids, min_dim=1)
-    teacher_logprobs = check_float("teacher_logprobs", teacher_logprobs, min_dim=1)
+    support_ids, teacher_logprobs = _check_support(support_ids, teacher_logprobs)
     sampled_ids = check_int("sampled_ids", sampled_ids)
     sampled_teacher_logprobs = check_float("sampled_teacher_logprobs", sampled_teacher_logprobs)
     check_same_device(
@@ -143,11 +154,6 @@ def add_sampled_token(
         sampled_ids=sampled_ids,
         sampled_teacher_logprobs=sampled_teacher_logprobs,
     )
-    if teacher_logprobs.shape != support_ids.shape:
-        raise InputError(
-            f"teacher_logprobs: expected the shape of support_ids {list(support_ids.shape)}, "
-            f"got {list(teacher_logprobs.shape)}"
-        )
     check_leading("sampled_ids", sampled_ids, support_ids.shape[:-1], "support_ids", trailing=0)
     check_leading(
         "sampled_teacher_logprobs", sampled_teacher_logprobs, support_ids.shape[:-1], "support_ids", trailing=0
@@ -184,13 +190,7 @@ def nucleus_support(
         turned into padded slots (log-prob ``-inf``). A slot is kept when the mass of the ids ranked before
         it (by the teacher's probability; ties by slot order) is below ``top_p``, or its rank is below ``min_k``.
     """
-    support_ids = check_int("support_ids", support_ids, min_dim=1)
-    teacher_logprobs = check_float("teacher_logprobs", teacher_logprobs, min_dim=1)
-    if teacher_logprobs.shape != support_ids.shape:
-        raise InputError(
-            f"teacher_logprobs: expected the shape of support_ids {list(support_ids.shape)}, "
-            f"got {list(teacher_logprobs.shape)}"
-        )
+    support_ids, teacher_logprobs = _check_support(support_ids, teacher_logprobs)
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
         raise InputError(f"top_p: expected a number in (0, 1], got {top_p!r}")
     if isinstance(min_k, bool) or not isinstance(min_k, int) or min_k < 1:
@@ -217,13 +217,7 @@ def drop_support_ids(
     Returns a new ``teacher_logprobs[..., K]`` with ``-inf`` where ``support_ids`` is in ``drop_ids``
     (used to keep special tokens out of the support set).
     """
-    support_ids = check_int("support_ids", support_ids, min_dim=1)
-    teacher_logprobs = check_float("teacher_logprobs", teacher_logprobs, min_dim=1)
-    if teacher_logprobs.shape != support_ids.shape:
-        raise InputError(
-            f"teacher_logprobs: expected the shape of support_ids {list(support_ids.shape)}, "
-            f"got {list(teacher_logprobs.shape)}"
-        )
+    support_ids, teacher_logprobs = _check_support(support_ids, teacher_logprobs)
     drop = as_id_tensor("drop_ids", drop_ids, support_ids.device)
     hit = torch.isin(support_ids, drop)
     return teacher_logprobs.masked_fill(hit, float("-inf"))

@@ -565,9 +565,8 @@ def _environments(cfg: Config, records, eval_problems, *, context: int | None = 
     ``context`` (logged)."""
     from opdkit.config import EnvConfig, RolloutConfig
     from opdkit.envs.base import template_from_config
-    from opdkit.envs.episodes import EpisodeSettings
+    from opdkit.envs.episodes import EpisodeSettings, fit_episode_budget
     from opdkit.envs.pool import EnvPool
-    from opdkit.eval.run import fit_episode_budget
 
     if not any(r.env is not None for r in records):
         if not _evaluates_games(cfg, eval_problems):
