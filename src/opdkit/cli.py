@@ -613,6 +613,9 @@ example:
     p.add_argument("--probe-batches", type=int, default=8,
                    help="rollout batches per arm for the gradient variance (default 8; 0 = skip it)")
     p.add_argument("--arms", default=None, help="a comma-separated subset of the experiment's arms")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the results already in --out (by default a rerun with the same settings keeps "
+                   "the arms finished there and runs the others: an interrupted experiment continues)")
     p.set_defaults(func=_cmd_experiment)
     return parser
 
@@ -653,7 +656,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from opdkit.experiments.runner import run_experiment
 
     summary = run_experiment(exp.name, out, cache_dir=args.cache_dir, steps=args.steps, seed=args.seed,
-                             probe_batches=args.probe_batches, arms=arms)
+                             probe_batches=args.probe_batches, arms=arms, fresh=args.fresh)
     print((out / "results.md").read_text(encoding="utf-8"), end="")
     return 0 if summary["arms"] else 1
 

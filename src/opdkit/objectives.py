@@ -86,6 +86,7 @@ class LossInputs:
     teacher_logprobs_B_T_K: torch.Tensor
     teacher_sampled_logprobs_B_T: torch.Tensor
     sampling_logprobs_B_T: torch.Tensor | None = None  # log-prob under the (top-p) distribution sampled from
+    response_mask_B_T: torch.Tensor | None = None  # the student's sampled tokens (loss mask before special masking)
 
 
 class Objective:
@@ -280,7 +281,8 @@ class SampledToken(Objective):
         )
         if self.correction != "none":
             per = per * topp_correction_weights(x.old_logprobs_B_T, x.sampling_logprobs_B_T, x.loss_mask_B_T,
-                                                mode=self.correction, clip=self.correction_clip).to(per.dtype)
+                                                mode=self.correction, clip=self.correction_clip,
+                                                sampled_mask=x.response_mask_B_T).to(per.dtype)
         return per, scatter_positions(support_N_K, idx, (*BT, K), fill=float("-inf"))
 
 

@@ -226,3 +226,49 @@ def test_the_command_line_names_its_flags_and_guards_its_folder(tmp_path, capsys
                  str(tmp_path / "c")]) == 0  # its own folder again
     assert main([*base, "--T", "2", "--reference-factor", "2", "--out", str(tmp_path / "d")]) == 2
     assert "--reference-factor: only with --problem demo or lm" in capsys.readouterr().err
+
+
+def test_bad_lists_and_sizes_name_their_flag_and_a_rerun_leaves_no_stale_figure(tmp_path, capsys):
+    import csv
+
+    from opdkit.cli import main
+
+    base = ["analyze", "variance", "--gammas", "0,1", "--K", "2", "--T", "2"]
+    with pytest.raises(SystemExit):
+        main([*base[:-2], "--T", "4,x", "--out", str(tmp_path / "a")])
+    assert "argument --T: expected comma-separated integers, got '4,x'" in capsys.readouterr().err
+    assert main([*base, "--K", "100", "--out", str(tmp_path / "a")]) == 2
+    assert "--K: support sizes above the vocabulary V=8: 100" in capsys.readouterr().err
+    assert main([*base, "--gammas", "0,0", "--out", str(tmp_path / "a")]) == 2
+    assert "--gammas: a discount given twice" in capsys.readouterr().err
+    assert main([*base, "--n-estimates", "1", "--out", str(tmp_path / "a")]) == 2
+    assert "--n-estimates: expected >= 2 groups, got 1" in capsys.readouterr().err
+    assert main([*base, "--out", ""]) == 2
+    assert "--out: expected a folder" in capsys.readouterr().err
+    out = tmp_path / "v"
+    small = ["--n-estimates", "4", "--samples-per-estimate", "8", "--out", str(out)]
+    assert main([*base, *small]) == 0 and (out / "variance.png").is_file()
+    assert "bootstrap intervals over fewer than 30 groups are rough" in capsys.readouterr().out
+    assert "Only 4 groups: the intervals are rough" in (out / "variance.md").read_text()
+    assert main([*base, *small, "--no-plot", "--rollout-top-p", "0.9"]) == 0
+    assert not (out / "variance.png").exists()  # the figure of the first run is gone with its table
+    assert "rollouts top-p 0.9" in capsys.readouterr().out
+    with open(out / "variance.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["rollout_top_p"] for r in rows} == {"0.9"}
+    assert {"sampled_token_token_is", "sampled_token_sequence_is"} <= {r["estimator"] for r in rows}
+
+
+def test_deterministic_rollouts_give_zero_variance_and_an_undefined_ratio(tmp_path, capsys):
+    from opdkit.cli import main
+
+    # a two-token vocabulary whose nucleus at p = 0.6 is one token: every rollout is the same sequence
+    assert main(["analyze", "variance", "--problem", "imbalanced", "--rollout-top-p", "0.6", "--T", "4",
+                 "--gammas", "0,1", "--n-estimates", "4", "--samples-per-estimate", "8", "--no-plot",
+                 "--out", str(tmp_path / "v")]) == 0
+    assert "T=4: variance(gamma=1)/variance(gamma=0) undefined: variance(gamma=0) is 0" in capsys.readouterr().out
+    import csv
+
+    with open(tmp_path / "v" / "variance.csv", newline="") as f:
+        variances = [float(r["variance"]) for r in csv.DictReader(f)]
+    assert min(variances) == 0.0  # 0, not a rounding -4e-16

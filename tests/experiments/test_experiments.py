@@ -58,7 +58,7 @@ def test_every_experiment_runs_end_to_end_on_a_toy_budget(tmp_path, models, name
     assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "results.json").read_text())["experiment"] == name
     if name == "k_sweep":
-        assert summary["arms"]["topp=0.99"]["support_size"] <= 64
+        assert 8 <= summary["arms"]["topp=0.9_min=8"]["support_size"] <= 64
     if name == "special_tokens":
         assert "eos_swapped_teacher_accuracy" in summary
 
@@ -134,3 +134,42 @@ def test_an_experiment_folder_is_not_reused_by_another_experiment(tmp_path):
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(OpdkitError, match="another experiment's results"):
         run_experiment("renormalization", tmp_path, models=object())
+
+
+def test_arm_names_can_be_given_to_arms():
+    # --arms splits on commas: no arm name may hold one
+    assert not [a.name for e in EXPERIMENTS.values() for a in e.arms if "," in a.name]
+
+
+def test_a_rerun_keeps_finished_arms_and_an_interrupted_experiment_continues(tmp_path, models, monkeypatch):
+    from opdkit.errors import OpdkitError
+    from opdkit.experiments import runner
+    from opdkit.interrupt import Interrupted
+
+    kw = dict(models=models, steps=1, probe_batches=0, extra=TOY, eval_problems=4, log=lambda _m: None)
+    real = runner._run_arm
+    calls = []
+
+    def stop_at_second(arm, *a, **k):
+        calls.append(arm.name)
+        if len(calls) == 2:
+            raise Interrupted("stopped")
+        return real(arm, *a, **k)
+
+    monkeypatch.setattr(runner, "_run_arm", stop_at_second)
+    with pytest.raises(Interrupted, match=r"stopped during arm not_renormalized; finished arms \(renormalized\) "
+                                          r"are saved.*Continue with the same command"):
+        runner.run_experiment("renormalization", tmp_path, **kw)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["arms"]) == ["renormalized"]
+    monkeypatch.setattr(runner, "_run_arm", real)
+    first = saved["arms"]["renormalized"]
+    summary = runner.run_experiment("renormalization", tmp_path, **kw)  # continues: only the second arm runs
+    assert list(summary["arms"]) == ["renormalized", "not_renormalized"]
+    assert summary["arms"]["renormalized"] == first
+    assert "renormalized" in (tmp_path / "results.md").read_text()
+    with pytest.raises(OpdkitError, match=r"at other settings \(steps 1 -> 2\).*--fresh"):
+        runner.run_experiment("renormalization", tmp_path, **{**kw, "steps": 2})
+    again = runner.run_experiment("renormalization", tmp_path, **{**kw, "steps": 2}, fresh=True,
+                                  arms=["renormalized"])
+    assert list(again["arms"]) == ["renormalized"] and again["steps"] == 2

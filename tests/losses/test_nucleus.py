@@ -14,7 +14,7 @@ def _reference_set(probs_V: list[float], K: int, p: float, min_k: int) -> set[in
     ranked = sorted(range(len(probs_V)), key=lambda v: -probs_V[v])[:K]
     kept, mass = [], 0.0
     for v in ranked:
-        if len(kept) >= min_k and mass >= p:
+        if len(kept) >= min_k and mass >= p - 1e-6:  # reached up to rounding (NUCLEUS_MASS_TOL)
             break
         kept.append(v)
         mass += probs_V[v]
@@ -80,3 +80,13 @@ def test_p_one_keeps_every_slot_in_float32():
     assert lp.dtype == torch.float32
     _, kept = nucleus_support(ids, lp, 1.0)
     assert torch.equal(kept, lp)
+
+
+def test_a_mass_that_reaches_p_up_to_rounding_has_reached_it():
+    # 0.6 + 0.3 is 0.8999999999999999 in floating point: without a tolerance a third id would be kept
+    probs = torch.tensor([[0.3, 0.6, 0.1]], dtype=torch.float64)
+    ids = torch.tensor([[0, 1, 2]])
+    _, lp = nucleus_support(ids, probs.log(), 0.9)
+    assert torch.isfinite(lp).tolist() == [[True, True, False]]
+    _, lp = nucleus_support(ids, probs.log(), 0.9 + 1e-4)  # beyond the tolerance: the third id is needed
+    assert torch.isfinite(lp).all()

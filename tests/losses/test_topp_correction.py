@@ -52,6 +52,12 @@ def test_weights_are_the_nucleus_mass_and_undo_the_truncation_in_expectation():
     mask[:, 2] = 0
     part = topp_correction_weights(old, samp, mask, mode="sequence")
     assert torch.allclose(part[:, :2], torch.full_like(part[:, :2], Z**2)) and (part[:, 2] == 0).all()
+    # a token the loss masks out (an end-of-turn token) was still drawn from pi_p: with sampled_mask it counts
+    drawn = torch.ones_like(mask)
+    full = topp_correction_weights(old, samp, mask, mode="sequence", sampled_mask=drawn)
+    assert torch.allclose(full[:, :2], torch.full_like(full[:, :2], Z**3)) and (full[:, 2] == 0).all()
+    with pytest.raises(InputError, match="sampled_mask: expected the shape of mask"):
+        topp_correction_weights(old, samp, mask, mode="sequence", sampled_mask=drawn[:, :2])
 
 
 def test_untruncated_rollouts_weigh_one_and_bad_arguments_are_refused():

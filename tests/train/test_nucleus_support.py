@@ -1,5 +1,5 @@
 """objective.support=teacher_topp in a training run: the nucleus is cut from the teacher's top-K after scoring,
-logged, and with support_top_p=1 it is the teacher's top-K itself."""
+logged, and where K_max binds it is the teacher's top-K itself."""
 
 from __future__ import annotations
 
@@ -28,14 +28,16 @@ def _run(tmp_path, tiny_model_dirs, name, **extra):
 
 def test_a_nucleus_run_logs_its_sizes_and_p_one_is_top_k(tmp_path, tiny_model_dirs):
     topk = _run(tmp_path, tiny_model_dirs, "topk")
-    full = _run(tmp_path, tiny_model_dirs, "p1", **{"objective.support": "teacher_topp",
-                                                    "objective.support_top_p": 1.0})
+    # a random-weight teacher is flat (its top-8 hold ~4% of the mass): p = 0.999 is cut by K_max = 8 everywhere
+    full = _run(tmp_path, tiny_model_dirs, "p999", **{"objective.support": "teacher_topp",
+                                                      "objective.support_top_p": 0.999})
     assert full["loss"] == pytest.approx(topk["loss"], rel=1e-6)  # the same rollouts, the same support
     assert full["support_size"] == 8 and full["support_size_capped_frac"] == 1.0
     # a random-weight teacher is flat (its top-8 hold ~4% of the mass): a nucleus of 2% takes ~4 ids
     half = _run(tmp_path, tiny_model_dirs, "p05", **{"objective.support": "teacher_topp",
                                                      "objective.support_top_p": 0.02, "objective.support_min_k": 2})
-    assert 2 <= half["support_size"] < 8 and half["support_size_capped_frac"] < 1.0
+    # every position reached 2% within its 8 ids: none was cut by K_max (a size below 8 or not)
+    assert 2 <= half["support_size"] < 8 and half["support_size_capped_frac"] == 0.0
     assert half["loss"] != pytest.approx(topk["loss"], rel=1e-3)
     assert half["teacher_support_mass"] < topk["teacher_support_mass"]  # a smaller support holds less mass
     assert "support_size" not in topk
@@ -52,8 +54,14 @@ def test_nucleus_settings_are_refused_where_they_do_nothing():
     with pytest.raises(ConfigError, match="objective.topp_correction_clip"):
         load_config(None, {"objective.kind": "sampled_token", "rollout.top_p": 0.9, "objective.topp_correction":
                            "sequence", "objective.topp_correction_clip": 5})
-    with pytest.raises(ConfigError, match=r"objective.support_min_k \(9\) must not exceed objective.top_k \(8\)"):
-        load_config(None, {"objective.support": "teacher_topp", "objective.top_k": 8, "objective.support_min_k": 9})
+    for min_k in (8, 9):  # at top_k every position keeps all top_k ids: support_top_p would do nothing
+        with pytest.raises(ConfigError, match=rf"objective.support_min_k \({min_k}\) must be below objective.top_k "
+                                              r"\(8\).*support_top_p does nothing"):
+            load_config(None, {"objective.support": "teacher_topp", "objective.top_k": 8,
+                               "objective.support_min_k": min_k})
+    with pytest.raises(ConfigError, match="objective.support_top_p=1 keeps all objective.top_k ids.*"
+                                          "support_min_k does nothing"):
+        load_config(None, {"objective.support": "teacher_topp", "objective.support_top_p": 1.0})
 
 
 def test_topp_correction_acts_in_a_sampled_token_run_and_is_refused_without_truncation(tmp_path, tiny_model_dirs):
@@ -66,9 +74,14 @@ def test_topp_correction_acts_in_a_sampled_token_run_and_is_refused_without_trun
     assert plain["response_length"] == token["response_length"] == seq["response_length"]
     assert token["loss"] != pytest.approx(plain["loss"], rel=1e-4)
     assert seq["loss"] != pytest.approx(plain["loss"], rel=1e-4)
-    with pytest.raises(ConfigError, match="objective.topp_correction.*rollout.top_p < 1"):
+    assert token["topp_weight"] < 1.0 and seq["topp_weight"] < token["topp_weight"] and "topp_weight" not in plain
+    with pytest.raises(ConfigError, match="objective.topp_correction.*rollout.top_p < 1 or rollout.top_k > 0"):
         load_config(None, {"objective.kind": "sampled_token", "rollout.top_p": 1.0,
                            "objective.topp_correction": "token"})
+    # top-k rollouts are truncated too: the correction acts (the sampler records the truncated log-prob)
+    topk = _run(tmp_path, tiny_model_dirs, "topk5", **{"objective.kind": "sampled_token", "rollout.top_p": 1.0,
+                                                      "rollout.top_k": 5, "objective.topp_correction": "token"})
+    assert 0.0 < topk["topp_weight"] < 1.0
     with pytest.raises(ConfigError, match="topp_correction_clip.*acts only with objective.topp_correction=sequence"):
         load_config(None, {"objective.kind": "sampled_token", "rollout.top_p": 0.9,
                            "objective.topp_correction_clip": 0.5})

@@ -219,7 +219,8 @@ def estimate(
             gsum = torch.zeros((g1 - g0) * P, V, dtype=torch.float64)
             gsum.index_add_(0, group_of * P + flat_rows, flat_grad)
             gsum_sq = gsum.reshape(g1 - g0, P * V).square().sum(-1)
-        group_var[g0:g1] = (sq_norms_G_M.sum(-1) - gsum_sq / M) / (M - 1)
+        # a sum of squared deviations, >= 0 but for rounding (e.g. -4e-16 when the rollouts are deterministic)
+        group_var[g0:g1] = ((sq_norms_G_M.sum(-1) - gsum_sq / M) / (M - 1)).clamp(min=0.0)
     mean = sum_P_V / N
     coord_var = ((sumsq_P_V - N * mean.square()) / (N - 1)).clamp(min=0.0)
     variance = float(group_var.mean())

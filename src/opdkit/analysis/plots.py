@@ -21,10 +21,13 @@ def _gap(a: float, b: float) -> float:
     return 0.0 if math.isnan(a) or math.isnan(b) else max(a - b, 0.0)
 
 
-def plot_variance(results: Sequence[dict], path: str | Path) -> Path:
+def plot_variance(results: Sequence[dict], path: str | Path, *, top_p: float = 1.0) -> Path:
     """``variance.png``: (a) variance against γ per T, log scale, with the support-KL (K = V) level
     dashed; (b) support-KL variance against K; (c) the exact relative bias against γ, MC as markers;
-    (d) variance(γ=1)/variance(γ=0) against T, log-log, with its bootstrap interval and a T² line."""
+    (d) variance(γ=1)/variance(γ=0) against T, log-log, with its bootstrap interval and a T² line.
+    ``top_p < 1`` (rollouts from the truncated student): the titles say so, and the importance-corrected
+    sampled-token estimators are drawn in (a) and (c) with their own line styles (token dotted, sequence
+    dash-dotted)."""
     from opdkit.analysis.variance_report import variance_ratios
 
     plt = _pyplot()
@@ -46,6 +49,13 @@ def plot_variance(results: Sequence[dict], path: str | Path) -> Path:
             ax_var.errorbar(x, y, yerr=[lo, hi], color=c, marker="o", ms=4, capsize=3, label=f"sampled-token, T={T}")
             ax_bias.plot(x, [r["bias_rel_exact"] for r in rows], color=c, marker="o", ms=3, label=f"T={T} (exact)")
             ax_bias.plot(x, [r["bias_rel"] for r in rows], color=c, ls="none", marker="x", ms=5)
+        for kind, ls in (("token", ":"), ("sequence", "-.")):  # the top-p corrections, if measured
+            rows = sorted((r for r in results if r["estimator"] == f"sampled_token_{kind}_is" and r["T"] == T),
+                          key=lambda r: r["gamma"])
+            if rows:
+                x = [pos[r["gamma"]] for r in rows]
+                ax_var.plot(x, [r["variance"] for r in rows], color=c, ls=ls, marker=".", label=f"{kind} IS, T={T}")
+                ax_bias.plot(x, [r["bias_rel"] for r in rows], color=c, ls=ls, marker=".", label=f"{kind} IS, T={T}")
         full = [r for r in sk if r["T"] == T and r["renormalize"] and r["K"] == max(q["K"] for q in sk)]
         if full and full[0]["variance"] > 0:
             ax_var.axhline(full[0]["variance"], color=c, ls="--", lw=1, label=f"support KL K={full[0]['K']}, T={T}")
@@ -97,6 +107,9 @@ def plot_variance(results: Sequence[dict], path: str | Path) -> Path:
     ax_ratio.set_xlabel("horizon T")
     ax_ratio.set_ylabel("variance(γ=1) / variance(γ=0)")
     ax_ratio.set_title("variance ratio against T")
+    if top_p < 1.0:
+        for ax in axes:
+            ax.set_title(f"{ax.get_title()}\nrollouts top-p {top_p:g}", fontsize=10)
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:  # (a panel may have nothing labelled, e.g. one γ)
             ax.legend(fontsize=7)

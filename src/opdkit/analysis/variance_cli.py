@@ -24,7 +24,7 @@ from opdkit.analysis.variance_experiment import (
     DEFAULT_SEED,
     run_variance_experiment,
 )
-from opdkit.analysis.variance_report import variance_ratios
+from opdkit.analysis.variance_report import MIN_RELIABLE_GROUPS, variance_ratios
 from opdkit.errors import InputError
 
 LM_PROBLEMS = ("demo", "lm")
@@ -33,11 +33,23 @@ __all__ = ["add_variance_arguments", "main_variance", "variance_from_args"]
 
 
 def _floats(s: str) -> list[float]:
-    return [float(x) for x in s.replace(",", " ").split()]
+    try:
+        values = [float(x) for x in s.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
+    return values
 
 
 def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.replace(",", " ").split()]
+    try:
+        values = [int(x) for x in s.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+    return values
 
 
 def add_variance_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,6 +112,8 @@ def _check_out(out: str) -> None:
     """``--out``: new, empty, or an earlier ``analyze variance`` folder (never a folder of other files)."""
     from opdkit.paths import check_output_dir
 
+    if not out.strip():
+        raise InputError("--out: expected a folder, got an empty string")
     path = check_output_dir(out, "--out")
     if path.is_dir() and any(path.iterdir()) and not (path / OUT_MARKER).is_file():
         raise InputError(f"--out '{out}': a folder that holds other files; give a new or empty folder (or an "
@@ -111,6 +125,14 @@ def _check_sizes(args: argparse.Namespace) -> None:
         raise InputError(f"--T: a horizon given twice ({','.join(map(str, args.Ts))})")
     if args.Ks is not None and any(k < 1 for k in args.Ks):
         raise InputError(f"--K: expected support sizes >= 1, got {','.join(map(str, args.Ks))}")
+    if args.gammas is not None and len(set(args.gammas)) != len(args.gammas):
+        raise InputError(f"--gammas: a discount given twice ({','.join(f'{g:g}' for g in args.gammas)})")
+    if args.Ks is not None and args.problem in PROBLEM_PRESETS:
+        vocab = args.vocab if args.vocab is not None else PROBLEM_PRESETS[args.problem].vocab
+        too_big = [k for k in args.Ks if k > vocab]
+        if too_big:
+            raise InputError(f"--K: support sizes above the vocabulary V={vocab}: {','.join(map(str, too_big))} "
+                             "(V itself is always measured)")
 
 
 def variance_from_args(args: argparse.Namespace) -> int:
@@ -136,12 +158,21 @@ def variance_from_args(args: argparse.Namespace) -> int:
         message = re.sub(r"^(" + "|".join(_FLAG_OF) + r")\b", lambda m: _FLAG_OF[m.group(1)], str(exc))
         raise InputError(message) from None
     (Path(args.out) / OUT_MARKER).write_text("created by opdkit analyze variance\n", encoding="utf-8")
+    top_p = getattr(args, "rollout_top_p", 1.0)
+    rollouts = f", rollouts top-p {top_p:g}" if top_p < 1.0 else ""
     for T, v in variance_ratios(results).items():
+        if math.isnan(v["mc"]):  # γ = 0's variance is 0: e.g. a nucleus so small the rollouts are deterministic
+            print(f"T={T}: variance(gamma=1)/variance(gamma=0) undefined: variance(gamma=0) is 0{rollouts}")
+            continue
         exact = "" if math.isnan(v["exact"]) else f", exact {v['exact']:.3g}"
         print(
             f"T={T}: variance(gamma=1)/variance(gamma=0) = {v['mc']:.3g} "
-            f"(95% CI {v['ci_low']:.3g}-{v['ci_high']:.3g}{exact})"
+            f"(95% CI {v['ci_low']:.3g}-{v['ci_high']:.3g}{exact}{rollouts})"
         )
+    n_groups = len(results[0].get("group_variances") or []) if results else 0
+    if 0 < n_groups < MIN_RELIABLE_GROUPS:
+        print(f"note: {n_groups} groups (--n-estimates): bootstrap intervals over fewer than "
+              f"{MIN_RELIABLE_GROUPS} groups are rough")
     print(f"wrote {Path(args.out) / 'variance.csv'}, variance.md" + ("" if args.no_plot else ", variance.png"))
     return 0
 
@@ -224,6 +255,8 @@ def run_lm_experiment(args: argparse.Namespace) -> list[dict]:
         from opdkit.analysis.plots import plot_variance
 
         plot_variance(results, out / "variance.png")
+    else:  # an earlier run's figure would no longer match the table
+        (out / "variance.png").unlink(missing_ok=True)
     return results
 
 

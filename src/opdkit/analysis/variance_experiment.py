@@ -80,9 +80,9 @@ def run_variance_experiment(
     """Run the experiment; write ``variance.csv``, ``variance.md`` and ``variance.png`` under ``out_dir``.
 
     ``problem`` names a ``PROBLEM_PRESETS`` entry; ``Ts`` and ``vocab`` left ``None`` take its defaults
-    (``default``: V = 4, T = 2 4 6 8). For each T: one toy problem (seeded by ``seed`` and T),
+    (the default ``bigram``: V = 8, T = 2 .. 256). For each T: one toy problem (seeded by ``seed`` and T),
     ``n_estimates × samples_per_estimate`` trajectories from the student, and every estimator setting
-    evaluated on them.
+    evaluated on them. ``Ks`` above V are skipped (V itself is always measured).
 
     Returns one dict per setting with the CSV columns (``gamma`` None for support_kl, ``K`` and
     ``renormalize`` None for sampled_token) plus ``bias_rel_exact``, ``variance_exact``,
@@ -108,8 +108,13 @@ def run_variance_experiment(
                 f"V^T = {vocab}^{T} exceeds the enumeration cap {MAX_ENUMERATED} of the tabular problem "
                 f"{preset.name!r}; lower T or vocab, or use --problem bigram"
             )
-    if n_estimates < 2 or samples_per_estimate < 2:
-        raise InputError("n_estimates and samples_per_estimate: expected >= 2")
+    if n_estimates < 2:
+        raise InputError(f"n_estimates: expected >= 2 groups, got {n_estimates}")
+    if samples_per_estimate < 2:
+        raise InputError(f"samples_per_estimate: expected >= 2 trajectories per group, got {samples_per_estimate}")
+    if len(set(gammas)) != len(gammas):
+        raise InputError(f"gammas: a discount given twice ({', '.join(f'{g:g}' for g in gammas)})")
+
     if not 0.0 < float(top_p) <= 1.0:
         raise InputError(f"top_p: expected a number in (0, 1], got {top_p!r}")
     specs = default_specs(vocab, gammas, Ks, corrections=top_p < 1.0)
@@ -151,6 +156,7 @@ def run_variance_experiment(
                     "n_samples": stats.n_samples,
                     "grad_norm_exact": exact_norm,
                     "group_variances": stats.group_variances.tolist(),
+                    "rollout_top_p": float(top_p),
                 }
             )
         if verbose:
@@ -172,5 +178,7 @@ def run_variance_experiment(
         if plot:
             from opdkit.analysis.plots import plot_variance
 
-            plot_variance(results, out / "variance.png")
+            plot_variance(results, out / "variance.png", top_p=float(top_p))
+        else:  # an earlier run's figure would no longer match the table
+            (out / "variance.png").unlink(missing_ok=True)
     return results

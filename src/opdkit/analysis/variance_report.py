@@ -13,7 +13,7 @@ from pathlib import Path
 from opdkit.analysis.estimators import BOOTSTRAP_RESAMPLES, CI_LEVEL
 from opdkit.analysis.toy import DEFAULT_PROBLEM, get_preset
 
-__all__ = ["CSV_COLUMNS", "format_markdown", "ratio_slope", "variance_ratios", "write_csv"]
+__all__ = ["CSV_COLUMNS", "MIN_RELIABLE_GROUPS", "format_markdown", "ratio_slope", "variance_ratios", "write_csv"]
 
 CSV_COLUMNS = (
     "estimator",
@@ -25,7 +25,11 @@ CSV_COLUMNS = (
     "variance",
     "variance_ci_low",
     "variance_ci_high",
+    "rollout_top_p",  # (added after the first nine, which keep their order) the rollouts' nucleus mass; 1 = none
 )
+
+
+MIN_RELIABLE_GROUPS = 30  # below: the bootstrap intervals are flagged as rough (report and command line)
 
 
 def _csv_value(v: object) -> str:
@@ -44,7 +48,7 @@ def write_csv(results: Sequence[dict], path: str | Path) -> None:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         for r in results:
-            w.writerow([_csv_value(r[c]) for c in CSV_COLUMNS])
+            w.writerow([_csv_value(r.get(c, 1.0 if c == "rollout_top_p" else None)) for c in CSV_COLUMNS])
 
 
 def _ratio_ci(num: Sequence[float], den: Sequence[float], seed: int = 0) -> tuple[float, float]:
@@ -128,10 +132,16 @@ def format_markdown(results: Sequence[dict], settings: dict) -> str:
             "size of the Monte Carlo noise in `bias_rel` (a bias well below it is not resolved); `exact` "
             "columns are the estimator's true mean and variance, by enumeration of all V^T sequences where "
             "V^T is small; beyond that (bigram problems) ∇J and the exact means of γ = 0, γ = 1 and the "
-            "support-set KL come from the Markov chain's marginals, and the others show –."
+            "support-set KL come from the Markov chain's marginals, and the others show –"
+            + (" (under top-p rollouts only ∇J does: the estimators' exact means show – there)."
+               if settings.get("top_p", 1.0) < 1.0 else ".")
         ),
         "- `variance` = trace of the covariance of the one-trajectory gradient estimate, with a "
-        f"{int(CI_LEVEL * 100)}% percentile bootstrap interval over the groups ({BOOTSTRAP_RESAMPLES} resamples).",
+        f"{int(CI_LEVEL * 100)}% percentile bootstrap interval over the groups ({BOOTSTRAP_RESAMPLES} resamples)"
+        + (f". **Only {settings['n_estimates']} groups: the intervals are rough** (a percentile bootstrap over "
+           f"fewer than {MIN_RELIABLE_GROUPS} groups of a heavy-tailed variance under-covers; the settings of one "
+           "T share their trajectories, so they miss together)." if settings["n_estimates"] < MIN_RELIABLE_GROUPS
+           else "."),
         "- `support_kl` optimises a different objective (the per-position KL on the teacher's top-K); its "
         "bias is measured against the same sequence reverse-KL gradient ∇J.",
         "",

@@ -215,10 +215,15 @@ def _check_combinations(cfg: Config, origins: Mapping[str, str], source: str) ->
         raise _error(where("objective.support_min_k", "objective.renormalize"),
                      f"objective.support_min_k={o.support_min_k} with objective.renormalize=true: the KL of a "
                      "renormalised one-id support is 0, so a confident position would teach nothing; use 2 or more")
-    if o.support == "teacher_topp" and o.support_min_k > o.top_k:
+    if o.support == "teacher_topp" and o.support_min_k >= o.top_k:
         raise _error(where("objective.support_min_k", "objective.top_k"),
-                     f"objective.support_min_k ({o.support_min_k}) must not exceed objective.top_k ({o.top_k}), "
-                     "the most ids a nucleus support may have")
+                     f"objective.support_min_k ({o.support_min_k}) must be below objective.top_k ({o.top_k}), "
+                     "the most ids a nucleus support may have: at or above it every position keeps all top_k "
+                     "ids and objective.support_top_p does nothing (that is objective.support=teacher_topk)")
+    if o.support == "teacher_topp" and o.support_top_p >= 1.0:
+        raise _error(where("objective.support_top_p"),
+                     "objective.support_top_p=1 keeps all objective.top_k ids at every position and "
+                     "objective.support_min_k does nothing: use objective.support=teacher_topk, or a mass below 1")
     if opt.total_steps > 0 and opt.warmup_steps > opt.total_steps:
         raise _error(
             where("optim.warmup_steps", "optim.total_steps"),
@@ -242,9 +247,9 @@ def _inert_rules(cfg: Config) -> list[tuple[str, bool, str]]:
         ("objective.reward_clip", not pg, "it acts only with objective.kind=sampled_token"),
         ("objective.ppo_clip_eps", not (pg and cfg.optim.mini_batches > 1),
          "it acts only with objective.kind=sampled_token and optim.mini_batches > 1 (PPO clipping)"),
-        ("objective.topp_correction", not (pg and cfg.rollout.top_p < 1),
-         "it acts only with objective.kind=sampled_token and rollout.top_p < 1 (untruncated rollouts need no "
-         "correction)"),
+        ("objective.topp_correction", not (pg and (cfg.rollout.top_p < 1 or cfg.rollout.top_k > 0)),
+         "it acts only with objective.kind=sampled_token and truncated rollouts, rollout.top_p < 1 or "
+         "rollout.top_k > 0 (untruncated rollouts need no correction)"),
         ("objective.topp_correction_clip", not (pg and o.topp_correction == "sequence"),
          "it acts only with objective.topp_correction=sequence"),
         ("objective.support", not skl, "it acts only with objective.kind=support_kl"),

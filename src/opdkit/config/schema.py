@@ -191,9 +191,11 @@ class ObjectiveConfig:
     ppo_clip_eps: float = _f(0.2, "sampled_token: PPO clip range of the ratio pi / pi_old", gt=0)
     topp_correction: str = _f(
         "none",
-        "sampled_token with rollout.top_p < 1: importance weights for rollouts drawn from the truncated student; "
-        "token = each token's loss times its nucleus mass Z_t = pi / pi_p; sequence = every token times "
-        "min(prod_t Z_t, topp_correction_clip); none = the paper's estimator",
+        "sampled_token with truncated rollouts (rollout.top_p < 1 or rollout.top_k > 0): importance weights for "
+        "rollouts drawn from the truncated student; token = each token's loss times the mass Z_t = pi / pi_p of "
+        "the set it was drawn from; sequence = every token times min(prod_t Z_t, topp_correction_clip), the "
+        "product over every sampled token (special tokens masked from the loss included); none = the paper's "
+        "estimator",
         choices=("none", "token", "sequence"),
     )
     topp_correction_clip: float = _f(

@@ -15,7 +15,7 @@ __all__ = ["CSV_COLUMNS", "accuracy_interval", "write_report"]
 CSV_COLUMNS = ("arm", "label", "teacher", "x", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "gap_closed",
                "grad_variance", "grad_mean_sq", "noise_to_signal", "loss", "grad_norm", "negative_reward_frac",
                "reward_skew", "teacher_support_mass", "support_size", "response_length", "truncation_rate",
-               "skipped_steps", "seconds")
+               "skipped_steps", "seconds", "topp_weight")
 
 
 def accuracy_interval(acc: float, n: int) -> tuple[float, float]:
@@ -51,6 +51,10 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return str(v)
 
 
+_OPTIONAL = (("reward_skew", "reward skew", False), ("support_size", "support size", False),
+             ("topp_weight", "IS weight", False))
+
+
 def write_report(exp: Experiment, summary: dict[str, Any], out: Path) -> None:
     rows = _rows(summary)
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
@@ -76,17 +80,22 @@ def write_report(exp: Experiment, summary: dict[str, Any], out: Path) -> None:
     if probe:
         lines += ["Gradient variance: the trace of the covariance of one rollout batch's gradient at the starting "
                   "student (independent batches, no update); noise/signal = that variance / ‖E g‖².", ""]
+    # columns only some arms have: shown when any arm has them ("–" for the others)
+    optional = [(key, title, pct) for key, title, pct in _OPTIONAL if any(r.get(key) is not None for r in rows)]
     head = ["arm", "accuracy", "95% CI", "gap closed"]
     head += ["grad variance", "noise/signal"] if probe else []
-    head += ["neg. reward frac", "response length", "truncated", "seconds"]
+    head += ["neg. reward frac"] + [title for _, title, _ in optional] + ["response length", "truncated", "seconds"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ci = f"{_fmt(r['accuracy_ci_low'], True)}–{_fmt(r['accuracy_ci_high'], True)}"
         cells = [f"{r['arm']} ({r['label']})", _fmt(r["accuracy"], True), ci, _fmt(r["gap_closed"], True)]
         cells += [_fmt(r["grad_variance"]), _fmt(r["noise_to_signal"])] if probe else []
-        cells += [_fmt(r["negative_reward_frac"], True), _fmt(r["response_length"]), _fmt(r["truncation_rate"], True),
-                  _fmt(r["seconds"])]
+        cells += [_fmt(r["negative_reward_frac"], True)] + [_fmt(r[key], pct) for key, _, pct in optional]
+        cells += [_fmt(r["response_length"]), _fmt(r["truncation_rate"], True), _fmt(r["seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Means over the run's steps: neg. reward frac, reward skew (sampled-token rewards), support size "
+              "(ids per position of a nucleus support), IS weight (the top-p importance weight that multiplies the "
+              "loss), response length, truncated (responses cut by the length limit)."]
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(exp, summary, out / f"{exp.name}.png")
 
@@ -109,23 +118,36 @@ def _plot(exp: Experiment, summary: dict[str, Any], path: Path) -> None:
     ax_acc.set_title(exp.title)
     ax_acc.legend(fontsize=7)
     ax_acc.grid(alpha=0.3)
+    n = summary["eval_problems"]
+
+    def err(rs):  # the accuracies' 95% Wilson intervals as error bars
+        ci = [accuracy_interval(r["accuracy"], n) for r in rs]
+        return [[r["accuracy"] - lo for r, (lo, _) in zip(rs, ci)], [hi - r["accuracy"] for r, (_, hi) in zip(rs, ci)]]
+
     on_axis = [(r["x"], r) for r in arms.values() if r.get("x") is not None]
     if exp.axis and on_axis:  # accuracy and gradient variance against K
         xs = [x for x, _ in on_axis]
-        ax_b.plot(xs, [r["accuracy"] for _, r in on_axis], marker="o", label="accuracy")
+        ax_b.errorbar(xs, [r["accuracy"] for _, r in on_axis], yerr=err([r for _, r in on_axis]), marker="o",
+                      capsize=3, label="top-K accuracy")
+        # arms off the axis (nucleus supports) at their mean support size, when they logged one
+        off = [(name, r) for name, r in arms.items() if r.get("x") is None and r.get("support_size")]
+        if off:
+            ax_b.errorbar([r["support_size"] for _, r in off], [r["accuracy"] for _, r in off],
+                          yerr=err([r for _, r in off]), fmt="D", color="tab:green", capsize=3,
+                          label="nucleus, at its mean size")
+            for name, r in off:
+                ax_b.annotate(name, (r["support_size"], r["accuracy"]), fontsize=7, xytext=(4, -10),
+                              textcoords="offset points")
         ax_b.set_xscale("log", base=2)
-        ax_b.set_xlabel(exp.axis)
-        ax_b.set_ylabel("held-out accuracy")
-        for name, r in arms.items():
-            if r.get("x") is None:
-                ax_b.axhline(r["accuracy"], ls=":", lw=1, color="grey")
-                ax_b.annotate(name, (xs[0], r["accuracy"]), fontsize=7)
+        ax_b.set_xlabel(f"{exp.axis} (ids in the support)")
+        ax_b.set_ylabel("held-out accuracy (95% CI)")
         var = [(x, r["grad_variance"]) for x, r in on_axis if (r.get("grad_variance") or 0) > 0]
         if var:  # (K = 1 has none: a KL over one token is 0)
             tw = ax_b.twinx()
-            tw.plot([x for x, _ in var], [v for _, v in var], color="tab:red", marker="s", label="grad variance")
+            tw.plot([x for x, _ in var], [v for _, v in var], color="tab:red", marker="s", ls="--",
+                    label="grad variance")
             tw.set_yscale("log")
-            tw.set_ylabel("batch gradient variance", color="tab:red")
+            tw.set_ylabel("batch gradient variance (red)", color="tab:red")
         ax_b.set_title(f"against {exp.axis}")
     elif exp.name == "reward_imbalance" or not exp.probe:  # training metrics over steps
         for name, r in arms.items():
@@ -139,17 +161,18 @@ def _plot(exp: Experiment, summary: dict[str, Any], path: Path) -> None:
         ax_b.set_title("negative rewards (solid) and truncated responses (dotted)")
     else:  # accuracy and gradient variance per arm
         names = list(arms)
-        ax_b.bar(range(len(names)), [arms[n]["accuracy"] for n in names], color="tab:blue", alpha=0.7)
+        ax_b.bar(range(len(names)), [arms[n]["accuracy"] for n in names], yerr=err([arms[n] for n in names]),
+                 capsize=3, color="tab:blue", alpha=0.7)
         ax_b.set_xticks(range(len(names)))
-        ax_b.set_xticklabels(names, rotation=20, fontsize=7)
-        ax_b.set_ylabel("held-out accuracy")
+        ax_b.set_xticklabels(names, rotation=20, fontsize=7, ha="right")
+        ax_b.set_ylabel("held-out accuracy (95% CI)")
         var = [(i, arms[n]["grad_variance"]) for i, n in enumerate(names) if (arms[n].get("grad_variance") or 0) > 0]
-        if var:
+        if var:  # one marker per arm: the arms are categories, not points on a line
             tw = ax_b.twinx()
-            tw.plot([i for i, _ in var], [v for _, v in var], color="tab:red", marker="s")
+            tw.plot([i for i, _ in var], [v for _, v in var], color="tab:red", marker="s", ls="none")
             tw.set_yscale("log")
             tw.set_ylabel("batch gradient variance", color="tab:red")
-        ax_b.set_title("accuracy (bars) and gradient variance (red)")
+        ax_b.set_title("accuracy (bars) and gradient variance (red squares)")
     ax_b.legend(fontsize=7) if ax_b.get_legend_handles_labels()[0] else None
     fig.tight_layout()
     fig.savefig(path, dpi=100)

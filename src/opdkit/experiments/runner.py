@@ -27,7 +27,7 @@ __all__ = ["EOS_SWAPPED", "eos_swapped_teacher", "run_experiment"]
 EOS_SWAPPED = ("<|im_end|>", "<|endoftext|>")
 MARKER = ".opdkit-experiment"  # an experiment's output folder: reusable by the next run of one
 _MEANS = ("loss", "grad_norm", "negative_reward_frac", "reward_skew", "teacher_support_mass", "student_support_mass",
-          "support_size", "response_length", "truncation_rate")
+          "support_size", "response_length", "truncation_rate", "topp_weight")
 
 
 def eos_swapped_teacher(teacher_dir: str | Path, out_dir: str | Path) -> Path:
@@ -142,6 +142,7 @@ def run_experiment(
     arms: Sequence[str] | None = None,
     extra: dict[str, Any] | None = None,
     eval_problems: int | None = None,
+    fresh: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run experiment ``name``; write ``results.json``, ``results.csv``, ``results.md`` and ``NAME.png`` under
@@ -150,11 +151,16 @@ def run_experiment(
     ``models``: a :class:`~opdkit.demo.cache.DemoModels` (default: the demo's, built into ``cache_dir`` if
     missing); ``steps``: OPD steps per arm (default: the demo's); ``arms``: a subset of the arms' names;
     ``extra``: further overrides for every arm (e.g. a toy budget); ``eval_problems``: fewer eval problems.
+
+    ``results.json`` is rewritten after every arm. A rerun into the same folder with the same settings keeps
+    the arms already finished there (an interrupted experiment continues where it stopped; ``arms`` adds
+    to it); other settings are refused unless ``fresh``, which discards them.
     """
     from opdkit.demo.models import load_demo_model, load_demo_tokenizer
     from opdkit.demo.run import _accuracy
     from opdkit.demo.task import make_problems
     from opdkit.experiments.report import write_report
+    from opdkit.interrupt import Interrupted
 
     exp: Experiment = get_experiment(name)
     chosen = list(exp.arms) if arms is None else [a for a in exp.arms if a.name in set(arms)]
@@ -178,32 +184,82 @@ def run_experiment(
         models = prepare_demo_models(cache_dir, log=log)
     settings = models.settings
     problems = make_problems(eval_problems or settings.eval_problems, seed, "eval")
+    run_settings = {"steps": steps, "seed": seed, "probe_batches": probe_batches if exp.probe else 0,
+                    "eval_problems": len(problems), "extra": dict(extra or {}),
+                    "models": _models_id(models)}
+    summary = _earlier(out / "results.json", name, run_settings, fresh)
+    earlier = float(summary.get("seconds", 0.0))  # the earlier runs' seconds, counted in the total
+    done = [a.name for a in chosen if a.name in summary["arms"]]
+    todo = [a for a in chosen if a.name not in summary["arms"]]
+    if done:
+        log(f"experiment {name}: {len(done)} arm(s) kept from the earlier run in {out} ({', '.join(done)})")
+    summary.update(title=exp.title, claim=exp.claim, seed=seed, steps=steps, eval_problems=len(problems),
+                   settings=run_settings)
     tok = load_demo_tokenizer(models.tokenizer_dir)
-    teacher_acc = _accuracy(load_demo_model(models.teacher_dir), tok, problems, settings, seed)
-    student_acc = _accuracy(load_demo_model(models.student_dir), tok, problems, settings, seed)
-    log(f"experiment {name}: teacher {teacher_acc:.1%}, student before {student_acc:.1%}, {len(chosen)} arms")
+    if "teacher_accuracy" not in summary:
+        summary["teacher_accuracy"] = _accuracy(load_demo_model(models.teacher_dir), tok, problems, settings, seed)
+        summary["student_accuracy_before"] = _accuracy(load_demo_model(models.student_dir), tok, problems,
+                                                       settings, seed)
+    log(f"experiment {name}: teacher {summary['teacher_accuracy']:.1%}, student before "
+        f"{summary['student_accuracy_before']:.1%}, {len(todo)} arm(s) to run")
     teachers = {"demo": models.teacher_dir}
-    if any(a.teacher == "eos_swapped" for a in chosen):
+    if any(a.teacher == "eos_swapped" for a in todo):
         teachers["eos_swapped"] = eos_swapped_teacher(models.teacher_dir, out / "teacher_eos_swapped")
-        swapped_acc = _accuracy(load_demo_model(teachers["eos_swapped"]), tok, problems, settings, seed)
-        log(f"experiment {name}: the end-swapped teacher's own accuracy {swapped_acc:.1%}")
-    results: dict[str, Any] = {}
-    for arm in chosen:
+        if "eos_swapped_teacher_accuracy" not in summary:
+            summary["eos_swapped_teacher_accuracy"] = _accuracy(load_demo_model(teachers["eos_swapped"]), tok,
+                                                                problems, settings, seed)
+        log(f"experiment {name}: the end-swapped teacher's own accuracy "
+            f"{summary['eos_swapped_teacher_accuracy']:.1%}")
+    for arm in todo:
         cfg = _config(arm, models.student_dir, teachers[arm.teacher], steps, seed, dict(extra or {}))
-        r = _run_arm(arm, cfg, models, problems, out / "runs" / _safe(arm.name), log)
-        if exp.probe and probe_batches >= 2:
-            r.update(_probe_arm(arm, cfg, out / "probes" / _safe(arm.name), probe_batches))
+        try:
+            r = _run_arm(arm, cfg, models, problems, out / "runs" / _safe(arm.name), log)
+            if exp.probe and probe_batches >= 2:
+                r.update(_probe_arm(arm, cfg, out / "probes" / _safe(arm.name), probe_batches))
+        except Interrupted:
+            finished = ", ".join(a for a in summary["arms"]) or "none"
+            raise Interrupted(f"experiment {name} stopped during arm {arm.name}; finished arms ({finished}) are "
+                              f"saved in {out / 'results.json'}. Continue with the same command (same --out, "
+                              "--steps, --seed, --probe-batches): finished arms are kept, this one starts "
+                              "over") from None
         r.update(label=arm.label, x=arm.x, teacher=arm.teacher)
-        results[arm.name] = r
-    summary = {"experiment": name, "title": exp.title, "claim": exp.claim, "teacher_accuracy": teacher_acc,
-               "student_accuracy_before": student_acc, "eval_problems": len(problems), "seed": seed,
-               "steps": steps, "seconds": time.perf_counter() - t0, "arms": results}
-    if "eos_swapped" in teachers:
-        summary["eos_swapped_teacher_accuracy"] = swapped_acc
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        summary["arms"][arm.name] = r
+        summary["arms"] = {a.name: summary["arms"][a.name] for a in exp.arms if a.name in summary["arms"]}
+        summary["seconds"] = time.perf_counter() - t0 + earlier
+        _save(out / "results.json", summary)
+    summary["seconds"] = time.perf_counter() - t0 + earlier
+    _save(out / "results.json", summary)
     write_report(exp, summary, out)
     log(f"experiment {name}: wrote {out / 'results.md'} ({summary['seconds']:.0f} s)")
     return summary
+
+
+def _models_id(models) -> str:
+    """The demo models' identity: their cache folder (its name carries the build's settings and format)."""
+    return Path(models.student_dir).resolve().parent.name
+
+
+def _earlier(path: Path, name: str, run_settings: dict[str, Any], fresh: bool) -> dict[str, Any]:
+    """The results of an earlier run into the same folder to continue from (an empty summary if none)."""
+    empty: dict[str, Any] = {"experiment": name, "arms": {}}
+    if fresh or not path.is_file():
+        return empty
+    try:
+        prev = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OpdkitError(f"{path}: unreadable earlier results ({exc}); give --fresh to start over") from None
+    if prev.get("settings") != run_settings:
+        before = prev.get("settings") or {}
+        diff = ", ".join(f"{k} {before.get(k)!r} -> {v!r}" for k, v in run_settings.items() if before.get(k) != v)
+        raise OpdkitError(f"--out '{path.parent}': holds results of {name} at other settings ({diff}); give a new "
+                          "folder, or --fresh to discard them")
+    return prev
+
+
+def _save(path: Path, summary: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 def _safe(name: str) -> str:

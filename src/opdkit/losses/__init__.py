@@ -25,6 +25,7 @@ from opdkit.losses.policy_gradient import (
     topp_correction_weights,
 )
 from opdkit.losses.support import (
+    NUCLEUS_MASS_TOL,
     add_sampled_token,
     drop_support_ids,
     gather_logprobs,
@@ -45,6 +46,7 @@ __all__ = [
     "masked_mean",
     "negative_reward_fraction",
     "nucleus_support",
+    "NUCLEUS_MASS_TOL",
     "opd_diagnostics",
     "outside_support_fraction",
     "policy_gradient_loss",

@@ -176,6 +176,7 @@ def topp_correction_weights(
     *,
     mode: str = "token",
     clip: float = 1.0,
+    sampled_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Importance weights for rollouts drawn from the top-p truncated student (METHOD.md, "Top-p rollout
     mismatch"): the objectives treat the tokens as samples of π while they came from ``π_p = π / Z_t`` on the
@@ -190,6 +191,9 @@ def topp_correction_weights(
             ``"sequence"``: every token of a sequence gets ``min(Π_t Z_t, clip)`` (the whole trajectory's
             importance weight; ``Π Z ≤ 1``, so ``clip`` acts only below 1).
         clip: the sequence weight's upper bound, > 0.
+        sampled_mask: ``[..., T]`` the tokens drawn from the truncated policy (default ``mask``): the sequence
+            weight's product runs over them, also over those the loss masks out (a masked end-of-turn token was
+            still sampled from ``π_p``).
 
     Returns:
         ``[..., T]`` detached weights (float32 or wider). ``Z_t`` above 1 by rounding is taken as 1.
@@ -201,11 +205,19 @@ def topp_correction_weights(
         raise InputError(f"clip: expected a number > 0, got {clip!r}")
     check_no_nan("old_logprobs", old_logprobs)
     check_no_nan("sampling_logprobs", sampling_logprobs)
+    if sampled_mask is None:
+        drawn_b = mask_b
+    else:
+        if sampled_mask.shape != mask.shape:
+            raise InputError(f"sampled_mask: expected the shape of mask {tuple(mask.shape)}, got "
+                             f"{tuple(sampled_mask.shape)}")
+        drawn_b = sampled_mask.bool()
     dtype = result_dtype(old_logprobs, sampling_logprobs)
     log_z = old_logprobs.detach().to(dtype) - sampling_logprobs.detach().to(dtype)
-    log_z = torch.where(mask_b, log_z.clamp(max=0.0), torch.zeros_like(log_z))
+    log_z = torch.where(drawn_b | mask_b, log_z.clamp(max=0.0), torch.zeros_like(log_z))
     if mode == "token":
         w = log_z.exp()
     else:
-        w = log_z.sum(-1, keepdim=True).exp().clamp(max=float(clip)).expand_as(log_z)
+        seq = torch.where(drawn_b, log_z, torch.zeros_like(log_z)).sum(-1, keepdim=True)
+        w = seq.exp().clamp(max=float(clip)).expand_as(log_z)
     return torch.where(mask_b, w, torch.zeros_like(w))

@@ -32,8 +32,11 @@ __all__ = [
     "add_sampled_token",
     "drop_support_ids",
     "nucleus_support",
+    "NUCLEUS_MASS_TOL",
     "special_token_mask",
 ]
+
+NUCLEUS_MASS_TOL = 1e-6  # nucleus_support: a mass within this of top_p has reached it (float rounding)
 
 
 def _check_k(k: int, vocab: int) -> int:
@@ -188,7 +191,9 @@ def nucleus_support(
     Returns:
         ``(support_ids[..., K], teacher_logprobs[..., K])``: the same ids, with the slots outside the nucleus
         turned into padded slots (log-prob ``-inf``). A slot is kept when the mass of the ids ranked before
-        it (by the teacher's probability; ties by slot order) is below ``top_p``, or its rank is below ``min_k``.
+        it (by the teacher's probability; ties by slot order) is below ``top_p`` by more than
+        ``NUCLEUS_MASS_TOL`` (1e-6: a mass within it of ``top_p`` has reached it; without the tolerance
+        0.6 + 0.3 < 0.9 in floating point would keep a third id), or its rank is below ``min_k``.
     """
     support_ids, teacher_logprobs = _check_support(support_ids, teacher_logprobs)
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
@@ -204,7 +209,7 @@ def nucleus_support(
     sorted_p = lp.gather(-1, order).exp()
     before = sorted_p.cumsum(-1) - sorted_p  # the mass ranked before each slot
     rank = torch.arange(lp.shape[-1], device=lp.device)
-    keep_sorted = (before < float(top_p)) | (rank < min_k)
+    keep_sorted = (before < float(top_p) - NUCLEUS_MASS_TOL) | (rank < min_k)
     keep = torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)
     return support_ids, teacher_logprobs.masked_fill(~keep, float("-inf"))
 

@@ -32,12 +32,14 @@ from typing import Any
 import torch
 
 from opdkit.losses import (
+    NUCLEUS_MASS_TOL,
     aggregate,
     masked_mean,
     nucleus_support,
     opd_diagnostics,
     special_token_mask,
     support_mass,
+    topp_correction_weights,
 )
 from opdkit.objectives import LossInputs
 from opdkit.rollout.seeding import trajectory_seed
@@ -194,9 +196,12 @@ def run_step(c, step: int, records: list, positions: list[int], *, keep_record: 
         top_p, min_k = c.objective.nucleus
         _, nucleus_lp = nucleus_support(signal.support_ids_B_T_K, signal.teacher_logprobs_B_T_K, top_p, min_k=min_k)
         signal = dataclasses.replace(signal, teacher_logprobs_B_T_K=nucleus_lp)
-        sizes = torch.isfinite(nucleus_lp).sum(-1)[loss_mask.bool()].float()
+        kept_lp = nucleus_lp[loss_mask.bool()]
+        sizes = torch.isfinite(kept_lp).sum(-1).float()
         metrics.mean("support_size", float(sizes.sum()), sizes.numel())
-        metrics.mean("support_size_capped_frac", float((sizes >= nucleus_lp.shape[-1]).sum()), sizes.numel())
+        # cut by K_max: the kept ids hold less than top_p (positions widened by min_k reached it before)
+        capped = torch.logsumexp(kept_lp.double(), -1).exp() < top_p - NUCLEUS_MASS_TOL
+        metrics.mean("support_size_capped_frac", float(capped.sum()), sizes.numel())
     metrics.max("time_teacher_s", time.perf_counter() - t2)
     local_bad = not bool(
         torch.isfinite(signal.sampled_logprobs_B_T).all()
@@ -223,6 +228,11 @@ def run_step(c, step: int, records: list, positions: list[int], *, keep_record: 
     metrics.mean("response_length", n_resp, B)
     metrics.mean("truncation_rate", sum(r == FINISH_LENGTH for r in batch.finish_reason), B)
     metrics.mean("special_masked_frac", n_resp - float(loss_mask.sum()), n_resp)
+    if o.kind == "sampled_token" and o.topp_correction != "none":  # how much the weights shrink the loss
+        w = topp_correction_weights(sp.old_logprobs_B_T, batch.sampling_logprobs_B_T, loss_mask,
+                                    mode=o.topp_correction, clip=o.topp_correction_clip,
+                                    sampled_mask=batch.response_mask_B_T)
+        metrics.mean("topp_weight", float(w[loss_mask.bool()].sum()), float(loss_mask.sum()))
     metrics.mean("prompt_truncated_frac", sum(r.truncated for r in local_prompts), B)
     metrics.set("rollouts", G)
     metrics.set("lr", float(c.scheduler.get_last_lr()[0]))
@@ -304,6 +314,7 @@ def _update(c, plan: StepPlan, batch, sp: StudentPass, signal, loss_mask, metric
                 teacher_logprobs_B_T_K=signal.teacher_logprobs_B_T_K[a:b],
                 teacher_sampled_logprobs_B_T=signal.sampled_logprobs_B_T[a:b],
                 sampling_logprobs_B_T=batch.sampling_logprobs_B_T[a:b],
+                response_mask_B_T=batch.response_mask_B_T[a:b],
             )
             sync = i == len(micro) - 1
             with acc.no_sync(c.module) if not sync else contextlib.nullcontext():
