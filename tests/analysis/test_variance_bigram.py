@@ -272,3 +272,12 @@ def test_deterministic_rollouts_give_zero_variance_and_an_undefined_ratio(tmp_pa
     with open(tmp_path / "v" / "variance.csv", newline="") as f:
         variances = [float(r["variance"]) for r in csv.DictReader(f)]
     assert min(variances) == 0.0  # 0, not a rounding -4e-16
+    # the bigram at p = 0.01: one token per row, every estimator deterministic; its rounding noise (±1e-15)
+    # is not a variance, and no ratio of two such noises is printed
+    assert main(["analyze", "variance", "--rollout-top-p", "0.01", "--T", "2,4", "--gammas", "0,1",
+                 "--n-estimates", "4", "--samples-per-estimate", "8", "--no-plot", "--out", str(tmp_path / "d")]) == 0
+    printed = capsys.readouterr().out
+    assert "T=2: variance(gamma=1)/variance(gamma=0) undefined" in printed
+    assert "T=4: variance(gamma=1)/variance(gamma=0) undefined" in printed
+    with open(tmp_path / "d" / "variance.csv", newline="") as f:
+        assert {float(r["variance"]) for r in csv.DictReader(f)} == {0.0}

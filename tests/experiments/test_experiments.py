@@ -173,3 +173,4 @@ def test_a_rerun_keeps_finished_arms_and_an_interrupted_experiment_continues(tmp
     again = runner.run_experiment("renormalization", tmp_path, **{**kw, "steps": 2}, fresh=True,
                                   arms=["renormalized"])
     assert list(again["arms"]) == ["renormalized"] and again["steps"] == 2
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["renormalized"]  # the discarded run is gone

@@ -174,6 +174,9 @@ def _dense_per_sample(problem: ToyProblem, rows_n_T: torch.Tensor, grad_n_T_V: t
     return dense.reshape(n, P * V)
 
 
+_VARIANCE_RESOLUTION = 1e-12  # a group variance below this share of its mean squared norm is rounding: 0
+
+
 def estimate(
     problem: ToyProblem,
     spec: EstimatorSpec,
@@ -219,8 +222,11 @@ def estimate(
             gsum = torch.zeros((g1 - g0) * P, V, dtype=torch.float64)
             gsum.index_add_(0, group_of * P + flat_rows, flat_grad)
             gsum_sq = gsum.reshape(g1 - g0, P * V).square().sum(-1)
-        # a sum of squared deviations, >= 0 but for rounding (e.g. -4e-16 when the rollouts are deterministic)
-        group_var[g0:g1] = ((sq_norms_G_M.sum(-1) - gsum_sq / M) / (M - 1)).clamp(min=0.0)
+        # a sum of squared deviations computed as a difference: it cancels to rounding noise (±1e-16 of the
+        # mean squared norm) when the rollouts are deterministic; below what float64 resolves it is 0
+        gv = (sq_norms_G_M.sum(-1) - gsum_sq / M) / (M - 1)
+        resolved = gv > _VARIANCE_RESOLUTION * sq_norms_G_M.mean(-1)
+        group_var[g0:g1] = torch.where(resolved, gv, torch.zeros_like(gv))
     mean = sum_P_V / N
     coord_var = ((sumsq_P_V - N * mean.square()) / (N - 1)).clamp(min=0.0)
     variance = float(group_var.mean())

@@ -55,7 +55,11 @@ def plot_variance(results: Sequence[dict], path: str | Path, *, top_p: float = 1
             if rows:
                 x = [pos[r["gamma"]] for r in rows]
                 ax_var.plot(x, [r["variance"] for r in rows], color=c, ls=ls, marker=".", label=f"{kind} IS, T={T}")
-                ax_bias.plot(x, [r["bias_rel"] for r in rows], color=c, ls=ls, marker=".", label=f"{kind} IS, T={T}")
+                # like the uncorrected rows: the exact bias as the line where it is known, Monte Carlo as x
+                exact = [r["bias_rel_exact"] for r in rows]
+                if not all(math.isnan(v) for v in exact):
+                    ax_bias.plot(x, exact, color=c, ls=ls, marker=".", label=f"{kind} IS, T={T} (exact)")
+                ax_bias.plot(x, [r["bias_rel"] for r in rows], color=c, ls="none", marker="x", ms=5)
         full = [r for r in sk if r["T"] == T and r["renormalize"] and r["K"] == max(q["K"] for q in sk)]
         if full and full[0]["variance"] > 0:
             ax_var.axhline(full[0]["variance"], color=c, ls="--", lw=1, label=f"support KL K={full[0]['K']}, T={T}")

@@ -53,6 +53,9 @@ def _fmt(v: Any, pct: bool = False) -> str:
 
 _OPTIONAL = (("reward_skew", "reward skew", False), ("support_size", "support size", False),
              ("topp_weight", "IS weight", False))
+_MEANING = {"reward_skew": "reward skew (of the sampled-token rewards)",
+            "support_size": "support size (ids per position of a nucleus support)",
+            "topp_weight": "IS weight (the top-p importance weight that multiplies the loss)"}
 
 
 def write_report(exp: Experiment, summary: dict[str, Any], out: Path) -> None:
@@ -93,9 +96,10 @@ def write_report(exp: Experiment, summary: dict[str, Any], out: Path) -> None:
         cells += [_fmt(r["negative_reward_frac"], True)] + [_fmt(r[key], pct) for key, _, pct in optional]
         cells += [_fmt(r["response_length"]), _fmt(r["truncation_rate"], True), _fmt(r["seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Means over the run's steps: neg. reward frac, reward skew (sampled-token rewards), support size "
-              "(ids per position of a nucleus support), IS weight (the top-p importance weight that multiplies the "
-              "loss), response length, truncated (responses cut by the length limit)."]
+    means = ["neg. reward frac (sampled-token rewards below 0)"]
+    means += [_MEANING[key] for key, _, _ in optional]
+    means += ["response length", "truncated (responses cut by the length limit)"]
+    lines += ["", f"Means over the run's steps: {', '.join(means)}."]
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(exp, summary, out / f"{exp.name}.png")
 
@@ -135,9 +139,9 @@ def _plot(exp: Experiment, summary: dict[str, Any], path: Path) -> None:
             ax_b.errorbar([r["support_size"] for _, r in off], [r["accuracy"] for _, r in off],
                           yerr=err([r for _, r in off]), fmt="D", color="tab:green", capsize=3,
                           label="nucleus, at its mean size")
-            for name, r in off:
-                ax_b.annotate(name, (r["support_size"], r["accuracy"]), fontsize=7, xytext=(4, -10),
-                              textcoords="offset points")
+            for name, r in off:  # (left of the point: the largest sizes sit at the right edge)
+                ax_b.annotate(name, (r["support_size"], r["accuracy"]), fontsize=7, xytext=(-4, -12),
+                              textcoords="offset points", ha="right")
         ax_b.set_xscale("log", base=2)
         ax_b.set_xlabel(f"{exp.axis} (ids in the support)")
         ax_b.set_ylabel("held-out accuracy (95% CI)")
@@ -146,8 +150,12 @@ def _plot(exp: Experiment, summary: dict[str, Any], path: Path) -> None:
             tw = ax_b.twinx()
             tw.plot([x for x, _ in var], [v for _, v in var], color="tab:red", marker="s", ls="--",
                     label="grad variance")
+            off_var = [(r["support_size"], r["grad_variance"]) for _, r in off if (r.get("grad_variance") or 0) > 0]
+            if off_var:  # the nucleus arms' variance, at their mean size
+                tw.plot([x for x, _ in off_var], [v for _, v in off_var], color="tab:red", marker="D", ls="none",
+                        mfc="none")
             tw.set_yscale("log")
-            tw.set_ylabel("batch gradient variance (red)", color="tab:red")
+            tw.set_ylabel("batch gradient variance (red; ◇ nucleus)", color="tab:red")
         ax_b.set_title(f"against {exp.axis}")
     elif exp.name == "reward_imbalance" or not exp.probe:  # training metrics over steps
         for name, r in arms.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -184,16 +185,23 @@ def run_experiment(
         models = prepare_demo_models(cache_dir, log=log)
     settings = models.settings
     problems = make_problems(eval_problems or settings.eval_problems, seed, "eval")
-    run_settings = {"steps": steps, "seed": seed, "probe_batches": probe_batches if exp.probe else 0,
+    from opdkit.demo.run import demo_config
+
+    # stored as the number it stands for: a rerun that names the demo's own number is the same run
+    n_steps = steps if steps is not None else demo_config({}).optim.total_steps
+    run_settings = {"steps": n_steps, "seed": seed, "probe_batches": probe_batches if exp.probe else 0,
                     "eval_problems": len(problems), "extra": dict(extra or {}),
                     "models": _models_id(models)}
     summary = _earlier(out / "results.json", name, run_settings, fresh)
+    if fresh:  # the discarded arms' run folders go with their results
+        for sub in ("runs", "probes"):
+            shutil.rmtree(out / sub, ignore_errors=True)
     earlier = float(summary.get("seconds", 0.0))  # the earlier runs' seconds, counted in the total
-    done = [a.name for a in chosen if a.name in summary["arms"]]
     todo = [a for a in chosen if a.name not in summary["arms"]]
+    done = list(summary["arms"])
     if done:
         log(f"experiment {name}: {len(done)} arm(s) kept from the earlier run in {out} ({', '.join(done)})")
-    summary.update(title=exp.title, claim=exp.claim, seed=seed, steps=steps, eval_problems=len(problems),
+    summary.update(title=exp.title, claim=exp.claim, seed=seed, steps=n_steps, eval_problems=len(problems),
                    settings=run_settings)
     tok = load_demo_tokenizer(models.tokenizer_dir)
     if "teacher_accuracy" not in summary:

@@ -56,7 +56,8 @@ METRICS: dict[str, MetricSpec] = {
     "support_size_capped_frac": _m("objective.support=teacher_topp: fraction of positions whose nucleus hit "
                                    "objective.top_k (K_max) before reaching objective.support_top_p"),
     "topp_weight": _m("objective.topp_correction: mean importance weight (token Z_t, or the sequence's "
-                      "min(prod Z_t, clip)) that multiplies the loss; the effective learning rate shrinks with it"),
+                      "min(prod Z_t, clip)) that multiplies the loss (with Adam an even scale barely changes the step; "
+                      "uneven weights re-weight the tokens or sequences)"),
     "student_support_mass": _m(
         "student (pi_old) probability mass on the support set, over the responses of the step's first mini-batch"
     ),
