@@ -32,24 +32,23 @@ LM_PROBLEMS = ("demo", "lm")
 __all__ = ["add_variance_arguments", "main_variance", "variance_from_args"]
 
 
-def _floats(s: str) -> list[float]:
-    try:
-        values = [float(x) for x in s.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
-    return values
+def _list_of(cast, what: str):
+    """An argparse type: comma- or space-separated values of ``cast``; argparse names the flag in its error."""
+
+    def parse(s: str) -> list:
+        try:
+            values = [cast(x) for x in s.replace(",", " ").split()]
+        except ValueError:
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}")
+        return values
+
+    return parse
 
 
-def _ints(s: str) -> list[int]:
-    try:
-        values = [int(x) for x in s.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
-    return values
+_floats = _list_of(float, "numbers")
+_ints = _list_of(int, "integers")
 
 
 def add_variance_arguments(p: argparse.ArgumentParser) -> None:
