@@ -75,13 +75,18 @@ def test_topp_correction_acts_in_a_sampled_token_run_and_is_refused_without_trun
     assert token["loss"] != pytest.approx(plain["loss"], rel=1e-4)
     assert seq["loss"] != pytest.approx(plain["loss"], rel=1e-4)
     assert token["topp_weight"] < 1.0 and seq["topp_weight"] < token["topp_weight"] and "topp_weight" not in plain
+    # the mass the truncated rollouts never sample, 1 - Z_t: logged for every truncated run, whatever the objective
+    assert 0.0 < plain["rollout_tail_mass"] < 1.0 and plain["rollout_tail_mass"] == token["rollout_tail_mass"]
     with pytest.raises(ConfigError, match="objective.topp_correction.*rollout.top_p < 1 or rollout.top_k > 0"):
         load_config(None, {"objective.kind": "sampled_token", "rollout.top_p": 1.0,
                            "objective.topp_correction": "token"})
     # top-k rollouts are truncated too: the correction acts (the sampler records the truncated log-prob)
     topk = _run(tmp_path, tiny_model_dirs, "topk5", **{"objective.kind": "sampled_token", "rollout.top_p": 1.0,
                                                       "rollout.top_k": 5, "objective.topp_correction": "token"})
-    assert 0.0 < topk["topp_weight"] < 1.0
+    assert 0.0 < topk["topp_weight"] < 1.0 and 0.0 < topk["rollout_tail_mass"] < 1.0
+    # untruncated rollouts still never draw the pad token: its mass (~1/V for a random model) is the tail
+    untruncated = _run(tmp_path, tiny_model_dirs, "p1", **{"objective.kind": "sampled_token", "rollout.top_p": 1.0})
+    assert 0.0 < untruncated["rollout_tail_mass"] < 0.05 < plain["rollout_tail_mass"]
     with pytest.raises(ConfigError, match="topp_correction_clip.*acts only with objective.topp_correction=sequence"):
         load_config(None, {"objective.kind": "sampled_token", "rollout.top_p": 0.9,
                            "objective.topp_correction_clip": 0.5})

@@ -15,7 +15,7 @@ __all__ = ["CSV_COLUMNS", "accuracy_interval", "write_report"]
 CSV_COLUMNS = ("arm", "label", "teacher", "x", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "gap_closed",
                "grad_variance", "grad_mean_sq", "noise_to_signal", "loss", "grad_norm", "negative_reward_frac",
                "reward_skew", "teacher_support_mass", "support_size", "response_length", "truncation_rate",
-               "skipped_steps", "seconds", "topp_weight")
+               "skipped_steps", "seconds", "topp_weight", "rollout_tail_mass")
 
 
 def accuracy_interval(acc: float, n: int) -> tuple[float, float]:
@@ -52,10 +52,11 @@ def _fmt(v: Any, pct: bool = False) -> str:
 
 
 _OPTIONAL = (("reward_skew", "reward skew", False), ("support_size", "support size", False),
-             ("topp_weight", "IS weight", False))
+             ("topp_weight", "IS weight", False), ("rollout_tail_mass", "tail mass", False))
 _MEANING = {"reward_skew": "reward skew (of the sampled-token rewards)",
             "support_size": "support size (ids per position of a nucleus support)",
-            "topp_weight": "IS weight (the top-p importance weight that multiplies the loss)"}
+            "topp_weight": "IS weight (the top-p importance weight that multiplies the loss)",
+            "rollout_tail_mass": "tail mass (the student's probability outside the nucleus it sampled from)"}
 
 
 def write_report(exp: Experiment, summary: dict[str, Any], out: Path) -> None:

@@ -28,7 +28,7 @@ __all__ = ["EOS_SWAPPED", "eos_swapped_teacher", "run_experiment"]
 EOS_SWAPPED = ("<|im_end|>", "<|endoftext|>")
 MARKER = ".opdkit-experiment"  # an experiment's output folder: reusable by the next run of one
 _MEANS = ("loss", "grad_norm", "negative_reward_frac", "reward_skew", "teacher_support_mass", "student_support_mass",
-          "support_size", "response_length", "truncation_rate", "topp_weight")
+          "support_size", "response_length", "truncation_rate", "topp_weight", "rollout_tail_mass")
 
 
 def eos_swapped_teacher(teacher_dir: str | Path, out_dir: str | Path) -> Path:

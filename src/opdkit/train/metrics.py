@@ -55,6 +55,9 @@ METRICS: dict[str, MetricSpec] = {
     "support_size": _m("objective.support=teacher_topp: mean number of ids in a position's nucleus support"),
     "support_size_capped_frac": _m("objective.support=teacher_topp: fraction of positions whose nucleus hit "
                                    "objective.top_k (K_max) before reaching objective.support_top_p"),
+    "rollout_tail_mass": _m("mean over the sampled tokens of the student's mass outside the set it sampled from "
+                            "(1 - Z_t: the top-p / top-k cut and the blocked pad token), what the rollouts never see; "
+                            "near 1 the student hides its probability where no reward reaches"),
     "topp_weight": _m("objective.topp_correction: mean importance weight (token Z_t, or the sequence's "
                       "min(prod Z_t, clip)) that multiplies the loss (with Adam an even scale barely changes the step; "
                       "uneven weights re-weight the tokens or sequences)"),
