@@ -22,6 +22,7 @@ def _line(step: int, n: int) -> dict:
         "student_support_mass": 0.8 - 0.6 * frac,
         "sampled_outside_support_frac": 0.05 + 0.3 * frac,
         "special_masked_frac": 0.01,
+        "rollout_tail_mass": 0.08 + 0.9 * frac,  # the sampled-token top-p collapse onto the pad token
         "entropy": 2.0 * (1 - 0.8 * frac),
         "grad_norm": 100.0 if step == 7 else 1.0,
         "response_length": 300.0,
@@ -55,6 +56,7 @@ def test_report_on_synthetic_run_with_missing_keys(tmp_path):
     assert "skewed to the negative side" in text
     assert "grad-norm spikes" in text and "step 7" in text
     assert "fall outside the support" in text
+    assert "where its rollouts never sample" in text and "a collapse the loss does not show" in text
     assert "| entropy | 18 |" in text  # 20 lines, 2 without entropy
     assert "| loss | 19 | 1 | 0.5 |" in text
 

@@ -9,8 +9,8 @@ Output (in ``out_dir``, default ``RUN_DIR``):
 
 - ``failure_modes.png``: (1) reward imbalance: fraction of negative sampled-token rewards and their
   skew; (2) teacher confidence on the student's prefixes: teacher vs student probability mass on the
-  support, and k1; (3) positions the objective cannot explain: masked special tokens and sampled tokens
-  outside the support.
+  support, and k1; (3) positions the objective cannot explain: masked special tokens, sampled tokens
+  outside the support, and the student's mass its rollouts never sample.
 - ``training.png``: loss, entropy, grad norm, response length, truncation rate, throughput.
 - ``run_report.md``: first / last / min / max (with steps) of every metric, and plain-words flags
   (thresholds in ``FLAG_THRESHOLDS``).
@@ -51,6 +51,7 @@ METRIC_KEYS: tuple[str, ...] = (
     "student_support_mass",
     "sampled_outside_support_frac",
     "special_masked_frac",
+    "rollout_tail_mass",
     "entropy",
     "grad_norm",
     "response_length",
@@ -61,7 +62,8 @@ METRIC_KEYS: tuple[str, ...] = (
 FAILURE_MODES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("1. reward imbalance", ("negative_reward_frac", "reward_skew")),
     ("2. teacher confidence on student prefixes", ("teacher_support_mass", "student_support_mass", "k1")),
-    ("3. special-token and out-of-support positions", ("special_masked_frac", "sampled_outside_support_frac")),
+    ("3. special-token and out-of-support positions", ("special_masked_frac", "sampled_outside_support_frac",
+                                                        "rollout_tail_mass")),
 )
 
 FLAG_THRESHOLDS = {
@@ -74,6 +76,7 @@ FLAG_THRESHOLDS = {
     "special_masked": 0.05,  # special_masked_frac above this, at the end
     "grad_spike": 10.0,  # max grad norm over the median
     "truncation": 0.1,  # truncation_rate above this, at the end
+    "tail_mass": 0.5,  # rollout_tail_mass above this, at the end
 }
 # Start and end values are means over this fraction of the steps (at least one step), so that one noisy
 # step does not decide a flag.
@@ -231,6 +234,12 @@ def flags(summary: dict[str, dict]) -> list[str]:
         out.append(
             f"{_pct(summary['sampled_outside_support_frac']['end'])} of sampled tokens fall outside the support "
             "(the support KL gives them no signal)"
+        )
+    if has("rollout_tail_mass") and summary["rollout_tail_mass"]["end"] > th["tail_mass"]:
+        out.append(
+            f"the student puts {_pct(summary['rollout_tail_mass']['end'])} of its probability where its rollouts "
+            "never sample (outside the top-p / top-k cut, or on the blocked pad token): it hides its mass where "
+            "no reward reaches, a collapse the loss does not show"
         )
     if has("special_masked_frac") and summary["special_masked_frac"]["end"] > th["special_masked"]:
         out.append(f"{_pct(summary['special_masked_frac']['end'])} of response positions are masked special tokens")
