@@ -56,7 +56,7 @@ def test_report_on_synthetic_run_with_missing_keys(tmp_path):
     assert "skewed to the negative side" in text
     assert "grad-norm spikes" in text and "step 7" in text
     assert "fall outside the support" in text
-    assert "where its rollouts never sample" in text and "a collapse the loss does not show" in text
+    assert "where its rollouts never sample" in text and "a collapse no loss term sees" in text
     assert "| entropy | 18 |" in text  # 20 lines, 2 without entropy
     assert "| loss | 19 | 1 | 0.5 |" in text
 

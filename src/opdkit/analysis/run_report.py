@@ -239,7 +239,7 @@ def flags(summary: dict[str, dict]) -> list[str]:
         out.append(
             f"the student puts {_pct(summary['rollout_tail_mass']['end'])} of its probability where its rollouts "
             "never sample (outside the top-p / top-k cut, or on the blocked pad token): it hides its mass where "
-            "no reward reaches, a collapse the loss does not show"
+            "no reward reaches, a collapse no loss term sees"
         )
     if has("special_masked_frac") and summary["special_masked_frac"]["end"] > th["special_masked"]:
         out.append(f"{_pct(summary['special_masked_frac']['end'])} of response positions are masked special tokens")

@@ -229,7 +229,7 @@ def run_step(c, step: int, records: list, positions: list[int], *, keep_record: 
     metrics.mean("truncation_rate", sum(r == FINISH_LENGTH for r in batch.finish_reason), B)
     metrics.mean("special_masked_frac", n_resp - float(loss_mask.sum()), n_resp)
     # the student's mass its rollouts can never sample: the top-p / top-k cut and the blocked pad token; near 1 the
-    # student hides its probability where no reward reaches (a collapse that the loss does not show)
+    # student hides its probability where no reward reaches (a collapse that no loss term sees)
     resp = batch.response_mask_B_T.bool()
     log_z = (sp.old_logprobs_B_T.double() - batch.sampling_logprobs_B_T.double()).clamp(max=0.0)
     metrics.mean("rollout_tail_mass", float((-torch.expm1(log_z))[resp].sum()), float(resp.sum()))
