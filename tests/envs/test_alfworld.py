@@ -265,6 +265,7 @@ def game(tmp_path):
     return str(write_game(tmp_path / "json_2.1.1" / "valid_seen" / TASK / "trial_T1"))
 
 
+@pytest.mark.slow  # needs the alfworld extra, which `make test-slow` installs (a compiled planner)
 def test_winning_episode(game):
     env = make_env(EnvSpec("alfworld", {"game_file": game, "max_steps": 10}))
     assert isinstance(env, ALFWorldEnv)
@@ -297,6 +298,7 @@ def test_winning_episode(game):
         env.step("inventory")
 
 
+@pytest.mark.slow  # needs the alfworld extra, which `make test-slow` installs (a compiled planner)
 def test_unknown_command_gets_the_games_reply_and_steps_run_out(game):
     env = ALFWorldEnv(game, max_steps=3, admissible_commands=False)
     env.reset()
@@ -313,6 +315,7 @@ def test_unknown_command_gets_the_games_reply_and_steps_run_out(game):
     env.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broken, error", [
     ({"pddl_domain": None}, "AttributeError"),
     ({"pddl_problem": PROBLEM.replace(f"(inReceptacle {APPLE} {TABLE})", f"(inReceptacle {APPLE})")}, "SystemExit"),
