@@ -7,7 +7,7 @@ from pathlib import Path
 
 from opdkit.errors import OpdkitError
 
-__all__ = ["check_output_dir"]
+__all__ = ["check_output_dir", "write_text_atomic"]
 
 
 def check_output_dir(path: str | Path, what: str) -> Path:
@@ -38,3 +38,12 @@ def check_output_dir(path: str | Path, what: str) -> Path:
     except OSError as exc:
         raise OpdkitError(f"{what} '{path}': cannot be created in '{parent}' ({exc.strerror or exc})") from None
     return p
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader (or a run interrupted
+    mid-write) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

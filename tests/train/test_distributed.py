@@ -193,3 +193,19 @@ def test_a_two_process_multi_task_run_with_episodes_equals_one_process(tmp_path,
     _assert_rows_close(rows1, rows2)
     w1, w2 = _weights(one), _weights(two)
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-3
+
+
+@pytest.mark.parametrize("setting", [
+    {"objective.support": "teacher_topp", "objective.support_top_p": 0.02},  # support_size, capped_frac
+    {"objective.kind": "sampled_token", "rollout.top_p": 0.5, "objective.topp_correction": "sequence"},
+], ids=["nucleus", "topp_correction"])
+def test_two_processes_log_the_nucleus_and_topp_metrics_of_one(tmp_path, tiny_model_dirs, setting):
+    """The per-position metrics of nucleus supports and the top-p correction are reduced over processes: the
+    same values (and weights) with two processes as with one."""
+    over = _overrides(tiny_model_dirs, **{"optim.total_steps": 2, "run.save_every": 0, **setting})
+    rows1, rows2 = read_metrics(_run(tmp_path, "one", over, 1)), read_metrics(_run(tmp_path, "two", over, 2))
+    logged = ({"support_size", "support_size_capped_frac"} if "objective.support" in setting else {"topp_weight"})
+    assert all(logged | {"rollout_tail_mass"} <= r.keys() for r in rows1)
+    _assert_rows_close(rows1, rows2)
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-3

@@ -157,8 +157,7 @@ def variance_from_args(args: argparse.Namespace) -> int:
         message = re.sub(r"^(" + "|".join(_FLAG_OF) + r")\b", lambda m: _FLAG_OF[m.group(1)], str(exc))
         raise InputError(message) from None
     (Path(args.out) / OUT_MARKER).write_text("created by opdkit analyze variance\n", encoding="utf-8")
-    top_p = getattr(args, "rollout_top_p", 1.0)
-    rollouts = f", rollouts top-p {top_p:g}" if top_p < 1.0 else ""
+    rollouts = f", rollouts top-p {args.rollout_top_p:g}" if args.rollout_top_p < 1.0 else ""
     for T, v in variance_ratios(results).items():
         if math.isnan(v["mc"]):  # γ = 0's variance is 0: e.g. a nucleus so small the rollouts are deterministic
             print(f"T={T}: variance(gamma=1)/variance(gamma=0) undefined: variance(gamma=0) is 0{rollouts}")

@@ -114,7 +114,6 @@ def run_variance_experiment(
         raise InputError(f"samples_per_estimate: expected >= 2 trajectories per group, got {samples_per_estimate}")
     if len(set(gammas)) != len(gammas):
         raise InputError(f"gammas: a discount given twice ({', '.join(f'{g:g}' for g in gammas)})")
-
     if not 0.0 < float(top_p) <= 1.0:
         raise InputError(f"top_p: expected a number in (0, 1], got {top_p!r}")
     specs = default_specs(vocab, gammas, Ks, corrections=top_p < 1.0)

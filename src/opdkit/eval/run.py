@@ -28,6 +28,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from opdkit.errors import OpdkitError
+from opdkit.paths import write_text_atomic
 
 __all__ = ["EVAL_MARKER", "SAMPLES_FILE", "format_table", "read_samples", "run_eval", "summarise_samples"]
 
@@ -41,12 +42,6 @@ def _digest_problems(bench) -> str:
     for p in bench.problems:
         h.update(json.dumps([list(p.messages), p.answer], sort_keys=True).encode("utf-8"))
     return h.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _jsonl_line(row: dict) -> str:
@@ -76,7 +71,7 @@ def read_samples(out_dir: str | Path) -> list[dict]:
     keys = ("benchmark", "problem", "sample", "correct")
     good = [r for r in rows if all(k in r for k in keys)]
     if len(good) != len(rows) or not _ends_with_newline(path):
-        _write_atomic(path, "".join(_jsonl_line(r) for r in good))
+        write_text_atomic(path, "".join(_jsonl_line(r) for r in good))
     return good
 
 
@@ -363,7 +358,7 @@ def run_eval(
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     (out / EVAL_MARKER).touch()
-    _write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     rows = read_samples(out)
     done = {(r["benchmark"], r["problem"], r["sample"]) for r in rows}
     todo = [(b, p, j) for b, bench in enumerate(benchmarks) for p in range(len(bench.problems))
@@ -406,7 +401,7 @@ def run_eval(
     summary["seconds"] = {"total": round(time.perf_counter() - t0, 2),
                           "generate": round(timings.get("generate_s", 0.0), 2),
                           "grade": round(timings.get("grade_s", 0.0), 2), "samples": len(todo)}
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     game_names = {b.name for b in games}
     truncated = [b for b in summary["benchmarks"] if (b["truncation_rate"] or 0) > 0.1 and b["benchmark"] not in
                  game_names]
@@ -429,7 +424,7 @@ def run_eval(
                       f"{env.max_episode_tokens} tokens in all")
     notes = "".join(f"\n{name}: {count} of {total} episodes ended by an environment failure (counted as not won), "
                     f"e.g. {example}.\n" for name, (count, total, example) in failures.items())
-    _write_atomic(out / "summary.md", f"# Evaluation of `{manifest['model']}`\n\n{s.n_samples} sample(s) per problem, "
-                  f"{how}, {', '.join(budget)}; avg@n and pass@k in %, 95% intervals over "
-                  f"problems.\n\n" + format_table(summary, markdown=True) + notes)
+    write_text_atomic(out / "summary.md", f"# Evaluation of `{manifest['model']}`\n\n{s.n_samples} sample(s) per "
+                      f"problem, {how}, {', '.join(budget)}; avg@n and pass@k in %, 95% intervals over "
+                      f"problems.\n\n" + format_table(summary, markdown=True) + notes)
     return summary

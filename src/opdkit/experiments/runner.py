@@ -22,6 +22,7 @@ import torch
 
 from opdkit.errors import OpdkitError
 from opdkit.experiments.arms import Arm, Experiment, get_experiment
+from opdkit.paths import write_text_atomic
 
 __all__ = ["EOS_SWAPPED", "eos_swapped_teacher", "run_experiment"]
 
@@ -158,7 +159,7 @@ def run_experiment(
     to it); other settings are refused unless ``fresh``, which discards them.
     """
     from opdkit.demo.models import load_demo_model, load_demo_tokenizer
-    from opdkit.demo.run import _accuracy
+    from opdkit.demo.run import _accuracy, demo_config
     from opdkit.demo.task import make_problems
     from opdkit.experiments.report import write_report
     from opdkit.interrupt import Interrupted
@@ -185,8 +186,6 @@ def run_experiment(
         models = prepare_demo_models(cache_dir, log=log)
     settings = models.settings
     problems = make_problems(eval_problems or settings.eval_problems, seed, "eval")
-    from opdkit.demo.run import demo_config
-
     # stored as the number it stands for: a rerun that names the demo's own number is the same run
     n_steps = steps if steps is not None else demo_config({}).optim.total_steps
     run_settings = {"steps": n_steps, "seed": seed, "probe_batches": probe_batches if exp.probe else 0,
@@ -265,9 +264,7 @@ def _earlier(path: Path, name: str, run_settings: dict[str, Any], fresh: bool) -
 
 
 def _save(path: Path, summary: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
 
 
 def _safe(name: str) -> str:

@@ -231,8 +231,8 @@ def run_step(c, step: int, records: list, positions: list[int], *, keep_record: 
     # the student's mass its rollouts can never sample: the top-p / top-k cut and the blocked pad token; near 1 the
     # student hides its probability where no reward reaches (a collapse that no loss term sees)
     resp = batch.response_mask_B_T.bool()
-    log_z = (sp.old_logprobs_B_T.double() - batch.sampling_logprobs_B_T.double()).clamp(max=0.0)
-    metrics.mean("rollout_tail_mass", float((-torch.expm1(log_z))[resp].sum()), float(resp.sum()))
+    z = topp_correction_weights(sp.old_logprobs_B_T.double(), batch.sampling_logprobs_B_T.double(), resp)  # Z_t
+    metrics.mean("rollout_tail_mass", float((1.0 - z)[resp].sum()), float(resp.sum()))
     if o.kind == "sampled_token" and o.topp_correction != "none":  # how much the weights shrink the loss
         w = topp_correction_weights(sp.old_logprobs_B_T, batch.sampling_logprobs_B_T, loss_mask,
                                     mode=o.topp_correction, clip=o.topp_correction_clip,
